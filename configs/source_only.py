@@ -1,0 +1,22 @@
+r"""Source-only baseline: DeepLabV2-R101 trained on GTA5 labels, evaluated on Cityscapes val.
+
+The lower bound of every adaptation table: CE on the main head + 0.1 x CE on the aux head,
+exactly AdaptSegNet's segmentation loss without the adversarial part (methods.md section 1).
+
+  python -m launch.main --config=configs/source_only.py --workdir=/tmp/source_only
+  python -m launch.main --config=configs/source_only.py:synthetic --workdir=/tmp/so_syn
+
+Published: MaxSquare's README reports 36.9 mIoU for its GTA5 source model (its own schedule);
+AdaptSegNet's paper table has no R101 source-only row in the repo.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    args = common.parse_arg(arg, synthetic=False)
+    config = common.base_config()
+    config.method = "source_only"
+    if args.synthetic:
+        common.use_synthetic(config)
+    return config

@@ -1,0 +1,204 @@
+"""tf.data input pipelines: resumable, deterministic training streams and padded eval batches.
+
+Training order is a pure function of (seed, sample position): epoch `e` visits the examples in
+the permutation drawn from (seed, e), and global sample `k` of the stream is
+`perm_{k // n}[k % n]`. A run resumed at step `s` therefore restarts the stream at position
+`s * global_batch_size` and sees exactly the batches an uninterrupted run would have seen,
+with no iterator state to save. Every process reads its slice of each global batch, so the
+global batch (and the result) does not depend on the number of hosts or devices.
+"""
+
+from collections.abc import Iterator, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from jaxda.data import labels as labels_lib
+from jaxda.data import sources
+
+
+def _permutation(n: int, seed: Sequence[int], epoch: int) -> np.ndarray:
+    return np.random.default_rng([*seed, epoch]).permutation(n)
+
+
+def sample_indices(
+    num_examples: int,
+    *,
+    seed: Sequence[int],
+    start: int,
+    global_batch_size: int,
+    process_slice: slice,
+) -> Iterator[tuple[int, int]]:
+    """Yields (stream position, example index) for this process, from `start` on, forever."""
+    position = start
+    epoch, permutation = -1, None
+    while True:
+        if position // num_examples != epoch:
+            epoch = position // num_examples
+            permutation = _permutation(num_examples, seed, epoch)
+        offset = position % global_batch_size
+        if process_slice.start <= offset < process_slice.stop:
+            yield position, int(permutation[position % num_examples])
+        position += 1
+
+
+def _label_table(label_map: str) -> np.ndarray | None:
+    if not label_map:
+        return None
+    tables = {"cityscapes_label_ids": labels_lib.CITYSCAPES_LABEL_TO_TRAIN_ID}
+    if label_map not in tables:
+        raise ValueError(f"Unknown label_map {label_map!r}; available: {sorted(tables)}")
+    return labels_lib.lookup_table(tables[label_map])
+
+
+def normalize_image(image: tf.Tensor, data_config: ml_collections.ConfigDict) -> tf.Tensor:
+    """uint8 RGB [H, W, 3] -> float32, optionally BGR, (x - mean) / std (config.data)."""
+    image = tf.cast(image, tf.float32)
+    if data_config.bgr:
+        image = image[..., ::-1]
+    mean = tf.constant(data_config.image_mean, tf.float32)
+    std = tf.constant(data_config.image_std, tf.float32)
+    return (image - mean) / std
+
+
+def _decode_fn(domain_config, data_config, label_size: Sequence[int] | None):
+    """Decodes PNG bytes, resizes the image (and label) and normalises the image."""
+    table = _label_table(domain_config.label_map)
+    table = None if table is None else tf.constant(table)
+    size = domain_config.size
+
+    def decode(example):
+        image = tf.io.decode_png(example["image"], channels=3)
+        label = tf.io.decode_png(example["label"], channels=1)
+        if size:
+            # Images are resized with bicubic filtering (the DeepLab-era loaders use PIL
+            # BICUBIC); labels with nearest neighbour so that ids stay ids.
+            image = tf.image.resize(image, size, method="bicubic")
+            image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+        out_label_size = size if label_size is None else label_size
+        if out_label_size:
+            label = tf.image.resize(label, out_label_size, method="nearest")
+        label = label[..., 0]
+        if table is not None:
+            label = tf.gather(table, tf.cast(label, tf.int32))
+        return {"image": normalize_image(image, data_config), "label": label}
+
+    return decode
+
+
+def _process_batch_slice(global_batch_size: int) -> tuple[int, slice]:
+    count, index = jax.process_count(), jax.process_index()
+    if global_batch_size % count:
+        raise ValueError(
+            f"batch_size={global_batch_size} must be divisible by the process count {count}"
+        )
+    local = global_batch_size // count
+    return local, slice(index * local, (index + 1) * local)
+
+
+def train_iterator(
+    domain_config: ml_collections.ConfigDict,
+    data_config: ml_collections.ConfigDict,
+    *,
+    global_batch_size: int,
+    seed: Sequence[int],
+    start: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Endless local batches {'image': [b, H, W, 3] float32, 'label': [b, H, W] uint8}.
+
+    Args:
+      domain_config: config.data.source / .target (name, split, size, keys, label_map).
+      data_config: config.data (data_dir, normalisation).
+      global_batch_size: examples per step over all processes.
+      seed: shuffling seed of this stream (ints, e.g. (config.seed, stream number)).
+      start: stream position to start from (samples already consumed).
+    """
+    reader = sources.SplitReader(
+        domain_config.name,
+        domain_config.split,
+        data_config.data_dir,
+        domain_config.image_key,
+        domain_config.label_key,
+    )
+    local_batch, process_slice = _process_batch_slice(global_batch_size)
+
+    def encoded_examples():
+        for _, index in sample_indices(
+            len(reader),
+            seed=seed,
+            start=start,
+            global_batch_size=global_batch_size,
+            process_slice=process_slice,
+        ):
+            yield reader[index]
+
+    signature = {
+        "image": tf.TensorSpec((), tf.string),
+        "label": tf.TensorSpec((), tf.string),
+    }
+    dataset = tf.data.Dataset.from_generator(encoded_examples, output_signature=signature)
+    dataset = dataset.map(
+        _decode_fn(domain_config, data_config, None),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    dataset = dataset.batch(local_batch, drop_remainder=True).prefetch(2)
+    return dataset.as_numpy_iterator()
+
+
+def eval_iterator(
+    eval_config: ml_collections.ConfigDict,
+    data_config: ml_collections.ConfigDict,
+    *,
+    global_batch_size: int,
+) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
+    """(number of examples, iterator over local padded batches) of the evaluation split.
+
+    Every example appears exactly once; the last batch is padded with zero images whose labels
+    are all `IGNORE_LABEL`, so padding never enters the confusion matrix. Labels are kept at
+    `eval_config.label_size` (the original resolution when empty) while images are resized to
+    `eval_config.size`, as in the Cityscapes protocol (1024x512 input, 2048x1024 labels).
+    """
+    reader = sources.SplitReader(
+        eval_config.name,
+        eval_config.split,
+        data_config.data_dir,
+        eval_config.image_key,
+        eval_config.label_key,
+    )
+    local_batch, process_slice = _process_batch_slice(global_batch_size)
+    num_batches = -(-len(reader) // global_batch_size)
+
+    def encoded_examples():
+        for b in range(num_batches):
+            for i in range(b * global_batch_size, (b + 1) * global_batch_size)[process_slice]:
+                if i < len(reader):
+                    yield {**reader[i], "valid": True}
+                else:
+                    yield {"image": b"", "label": b"", "valid": False}
+
+    decode = _decode_fn(eval_config, data_config, eval_config.label_size or None)
+    first = decode(reader[0])
+    image_shape, label_shape = first["image"].shape, first["label"].shape
+
+    def decode_or_pad(example):
+        return tf.cond(
+            example["valid"],
+            lambda: decode({"image": example["image"], "label": example["label"]}),
+            lambda: {
+                "image": tf.zeros(image_shape, tf.float32),
+                "label": tf.fill(label_shape, tf.constant(labels_lib.IGNORE_LABEL, tf.uint8)),
+            },
+        )
+
+    signature = {
+        "image": tf.TensorSpec((), tf.string),
+        "label": tf.TensorSpec((), tf.string),
+        "valid": tf.TensorSpec((), tf.bool),
+    }
+    dataset = tf.data.Dataset.from_generator(encoded_examples, output_signature=signature)
+    dataset = dataset.map(decode_or_pad, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.batch(local_batch, drop_remainder=True).prefetch(2)
+    return len(reader), dataset.as_numpy_iterator()

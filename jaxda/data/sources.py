@@ -1,0 +1,103 @@
+"""Random-access readers over prepared TFDS datasets (ArrayRecord files).
+
+Every dataset, built-in or downloaded, is read the same way: `tfds.builder(name)` +
+`as_data_source(split)` with the image and label left as encoded PNG bytes, so that decoding
+happens in the tf.data graph (in parallel, outside the GIL) and any example can be fetched by
+index. Random access is what makes the training order a pure function of (seed, position) and
+therefore resumable exactly (see `input_pipeline`).
+"""
+
+import os
+from collections.abc import Sequence
+
+import tensorflow_datasets as tfds
+from absl import logging
+
+from jaxda.data.builders import synthetic_shift  # noqa: F401  (registers the builder)
+
+# Datasets jaxda builds by itself (no download): built on first use.
+BUILT_IN = ("synthetic_shift",)
+
+# How to obtain each downloadable dataset, used in the "not prepared" error.
+PREPARE_HINTS = {
+    "gta5": "GTA5 (https://download.visinf.tu-darmstadt.de/data/from_games/)",
+    "synthia_rand_cityscapes": "SYNTHIA-RAND-CITYSCAPES (https://synthia-dataset.net/downloads/)",
+    "cityscapes": "Cityscapes (https://www.cityscapes-dataset.com/downloads/: "
+    "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip)",
+}
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    """The dataset a config names has not been built into `data_dir`."""
+
+
+def default_data_dir(data_dir: str | None) -> str:
+    """`data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+    return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+
+
+def _not_prepared_message(name: str, data_dir: str) -> str:
+    base = name.split("/", maxsplit=1)[0]
+    hint = PREPARE_HINTS.get(base)
+    how = (
+        f"Download {hint} and prepare it into {data_dir} (jaxda's `launch.prepare` command for "
+        "the real datasets arrives with the datasets issue; until then they cannot be built)."
+        if hint
+        else "Check the dataset name in config.data (a TFDS name such as 'synthetic_shift/64x128')."
+    )
+    return (
+        f"Dataset {name!r} is not prepared in data_dir={data_dir!r}. {how} "
+        "The built-in synthetic benchmark needs no download: "
+        "python -m launch.main --config=configs/adaptseg.py:synthetic --workdir=DIR"
+    )
+
+
+def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+    """The prepared builder for `name`; built-in datasets are generated on first use."""
+    data_dir = default_data_dir(data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    except tfds.core.registered.DatasetNotFoundError:
+        raise DatasetNotPreparedError(_not_prepared_message(name, data_dir)) from None
+    if not builder.is_prepared():
+        if name.split("/", maxsplit=1)[0] not in BUILT_IN:
+            raise DatasetNotPreparedError(_not_prepared_message(name, data_dir))
+        logging.info("Generating the built-in dataset %s into %s (once).", name, data_dir)
+        builder.download_and_prepare()
+    return builder
+
+
+class SplitReader(Sequence):
+    """Encoded examples of one split: `reader[i]` -> {'image': png bytes, 'label': png bytes}."""
+
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        data_dir: str | None = None,
+        image_key: str = "image",
+        label_key: str = "label",
+    ):
+        builder = get_builder(name, data_dir)
+        if split not in builder.info.splits:
+            raise ValueError(
+                f"Dataset {name!r} has no split {split!r}; available: {sorted(builder.info.splits)}"
+            )
+        features = builder.info.features
+        for key in (image_key, label_key):
+            if key not in features:
+                raise ValueError(
+                    f"Dataset {name!r} has no feature {key!r} (config.data image_key/label_key); "
+                    f"features: {sorted(features.keys())}"
+                )
+        self.name, self.split = name, split
+        self.image_key, self.label_key = image_key, label_key
+        skip = tfds.decode.SkipDecoding()
+        self._source = builder.as_data_source(split, decoders={image_key: skip, label_key: skip})
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, bytes]:
+        example = self._source[int(index)]
+        return {"image": example[self.image_key], "label": example[self.label_key]}

@@ -1,0 +1,50 @@
+"""The 1-D data-parallel device mesh and host -> device transfer of batches.
+
+Training steps are `jax.jit` functions over global arrays: the batch is sharded over the
+'data' axis, parameters and optimizer state are replicated. Means over the batch are global,
+XLA inserts the all-reduces, and BatchNorm statistics are computed over the global batch, so
+1 and N devices compute the same update for the same global batch.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+    """A 1-D mesh over the first `num_devices` devices (all when None)."""
+    devices = jax.devices()
+    if num_devices is not None:
+        if not 1 <= num_devices <= len(devices):
+            raise ValueError(f"num_devices={num_devices} but {len(devices)} devices are available")
+        devices = devices[:num_devices]
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
+    if batch_size % mesh.size:
+        raise ValueError(
+            f"config.{what}={batch_size} must be divisible by the number of devices "
+            f"({mesh.size}); the global batch is split evenly over them."
+        )
+
+
+def to_global(batch, mesh: Mesh):
+    """Process-local numpy batch (a pytree) -> global jax arrays sharded over 'data'."""
+    sharding = batch_sharded(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def replicate(tree, mesh: Mesh):
+    """Places every leaf of `tree` on all devices of the mesh."""
+    return jax.device_put(tree, replicated(mesh))

@@ -1,0 +1,97 @@
+"""DeepLabV2: Caffe ResNet + ASPP classifier, with the multi-level (layer3 aux) head.
+
+The ASPP classifier sums four dilated 3x3 convolutions. AdaptSegNet and MaxSquare return from
+inside the summation loop, so their released checkpoints were trained with only the first two
+branches; `num_aspp_branches=2` reproduces them (methods.md "ASPP-sum bug").
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+
+from jaxda.models import layers, resnet
+
+
+class ASPPClassifier(nn.Module):
+    """Sum of dilated 3x3 convolutions: [N, h, w, C_in] -> [N, h, w, num_classes]."""
+
+    num_classes: int
+    dilations: Sequence[int] = (6, 12, 18, 24)
+    num_branches: int = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if not 1 <= self.num_branches <= len(self.dilations):
+            raise ValueError(
+                f"num_aspp_branches={self.num_branches} must be in 1..{len(self.dilations)}"
+            )
+        out = 0.0
+        for i, d in enumerate(self.dilations[: self.num_branches]):
+            out = out + nn.Conv(
+                self.num_classes,
+                (3, 3),
+                kernel_dilation=(d, d),
+                padding=((d, d), (d, d)),
+                kernel_init=layers.deeplab_kernel_init,
+                name=f"branch{i}",
+            )(x)
+        return out
+
+
+class DeepLabV2(nn.Module):
+    """DeepLabV2 segmentation network with optional multi-level head.
+
+    Attributes:
+      num_classes: output classes (19 for the Cityscapes label space).
+      stage_sizes / width: the ResNet (see `resnet.ResNet`).
+      aspp_dilations / num_aspp_branches: the ASPP classifier.
+      multi_level: add the aux head on layer3 (AdaptSegNet/ADVENT/MaxSquare multi-level).
+      train_batch_stats: in training mode, BN normalises with the batch statistics and updates
+        the running averages (AdaptSegNet/ADVENT call `model.train()` although BN affine is
+        frozen). False keeps BN on running statistics in training too ("fully frozen").
+    """
+
+    num_classes: int = 19
+    stage_sizes: Sequence[int] = resnet.STAGE_SIZES[101]
+    width: int = 64
+    aspp_dilations: Sequence[int] = (6, 12, 18, 24)
+    num_aspp_branches: int = 4
+    multi_level: bool = True
+    train_batch_stats: bool = True
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        """[N, H, W, 3] -> {'main': [N, h, w, classes], 'aux': ...} at output stride 8.
+
+        'aux' is present only with `multi_level`. With `train=True` and `train_batch_stats`,
+        call `apply(..., mutable=['batch_stats'])`.
+        """
+        use_running_average = not (train and self.train_batch_stats)
+        features = resnet.ResNet(
+            stage_sizes=self.stage_sizes,
+            width=self.width,
+            use_running_average=use_running_average,
+            name="backbone",
+        )(images)
+
+        def head(name):
+            return ASPPClassifier(
+                self.num_classes, self.aspp_dilations, self.num_aspp_branches, name=name
+            )
+
+        outputs = {"main": head("head_main")(features["layer4"])}
+        if self.multi_level:
+            outputs["aux"] = head("head_aux")(features["layer3"])
+        return outputs
+
+
+def output_size(size: int) -> int:
+    """Logit grid length for an input length, by PyTorch's arithmetic (512 -> 65, 1024 -> 129).
+
+    conv1 (7x7, s2, p3): floor((n - 1) / 2) + 1; ceil-mode max-pool (3x3, s2, p1):
+    ceil((n - 1) / 2) + 1; layer2's un-padded 1x1 stride-2 conv: floor((n - 1) / 2) + 1.
+    """
+    n = (size - 1) // 2 + 1
+    n = -(-(n - 1) // 2) + 1
+    return (n - 1) // 2 + 1

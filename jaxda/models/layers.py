@@ -1,0 +1,95 @@
+"""Small building blocks shared by the models: PyTorch-compatible resizing, pooling, BatchNorm."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@functools.lru_cache(maxsize=64)
+def _align_corners_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out_size, in_size] linear-interpolation weights of align_corners=True resizing."""
+    if out_size > 1:
+        positions = np.arange(out_size, dtype=np.float64) * ((in_size - 1) / (out_size - 1))
+    else:
+        positions = np.zeros((1,), np.float64)
+    lower = np.clip(np.floor(positions).astype(np.int64), 0, in_size - 1)
+    upper = np.minimum(lower + 1, in_size - 1)
+    weight_upper = positions - lower
+    matrix = np.zeros((out_size, in_size), np.float64)
+    np.add.at(matrix, (np.arange(out_size), lower), 1.0 - weight_upper)
+    np.add.at(matrix, (np.arange(out_size), upper), weight_upper)
+    return matrix.astype(np.float32)
+
+
+def resize_bilinear_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Bilinear resize with PyTorch `align_corners=True` semantics.
+
+    Every DeepLabV2-era UDA method upsamples logits this way (methods.md); `jax.image.resize`
+    uses half-pixel centres (align_corners=False), which shifts every output pixel. Written as
+    two small matrix products (rows, then columns): on CPU their gradient is several times
+    faster than the scatter-add that gradients of a gather-based resize need, and on
+    accelerators they run on the matrix units.
+
+    Args:
+      x: [batch, height, width, channels].
+      size: (out_height, out_width).
+
+    Returns:
+      [batch, out_height, out_width, channels], same dtype as `x`.
+    """
+    out_h, out_w = size
+    if x.shape[1:3] == (out_h, out_w):
+        return x
+    rows = jnp.asarray(_align_corners_matrix(x.shape[1], out_h), x.dtype)
+    cols = jnp.asarray(_align_corners_matrix(x.shape[2], out_w), x.dtype)
+    highest = jax.lax.Precision.HIGHEST  # No TF32/bf16 passes: match PyTorch's float32.
+    x = jnp.einsum("oh,nhwc->nowc", rows, x, precision=highest)
+    return jnp.einsum("pw,nowc->nopc", cols, x, precision=highest)
+
+
+def max_pool_ceil(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
+    """Max pooling with PyTorch `ceil_mode=True` output sizes ([N, H, W, C] -> [N, H', W', C]).
+
+    PyTorch's ceil mode rounds the output size up and pads the right/bottom edge with -inf;
+    a pooling window may not start in the right padding.
+    """
+    pads = []
+    for n in x.shape[1:3]:
+        out = -(-(n + 2 * padding - window) // stride) + 1
+        if (out - 1) * stride >= n + padding:
+            out -= 1
+        pads.append((padding, (out - 1) * stride + window - n - padding))
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
+
+
+def batch_norm(name: str, *, use_running_average: bool) -> nn.BatchNorm:
+    """BatchNorm with PyTorch's defaults (momentum 0.1 -> Flax 0.9, eps 1e-5).
+
+    All BatchNorm modules in jaxda are created here and their names start with "bn", which is
+    how the optimizer finds BN affine parameters to freeze (see `is_batch_norm_param`).
+    """
+    if not name.startswith("bn"):
+        raise ValueError(f"BatchNorm module names must start with 'bn', got {name!r}")
+    return nn.BatchNorm(
+        use_running_average=use_running_average, momentum=0.9, epsilon=1e-5, name=name
+    )
+
+
+def is_batch_norm_param(path: tuple[str, ...]) -> bool:
+    """True for a parameter path ('backbone', 'layer1', 'block_0', 'bn1', 'scale') of a BN."""
+    return len(path) >= 2 and path[-2].startswith("bn")
+
+
+def torch_default_uniform(key: jax.Array, shape, dtype=jnp.float32, *, fan_in: int) -> jax.Array:
+    """PyTorch's default Conv2d bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+# PyTorch's default Conv2d weight init (kaiming_uniform with a=sqrt(5)) is U(+-1/sqrt(fan_in)).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# DeepLabV2's `m.weight.data.normal_(0, 0.01)` for every conv of the segmentation network.
+deeplab_kernel_init = nn.initializers.normal(stddev=0.01)

@@ -1,0 +1,94 @@
+"""ResNet in the DeepLab-v2 (Caffe) form used by AdaptSegNet, ADVENT, MaxSquare, ProDA, DA-SAC.
+
+Differences from torchvision's ResNet (methods.md section 0): the stride of a bottleneck sits in
+its first 1x1 conv; the stem max-pool uses `ceil_mode=True`; layer3 and layer4 keep stride 1 and
+use dilation 2 and 4 (output stride 8); every layer's block 0 has a projection shortcut.
+Spatial sizes follow PyTorch's arithmetic exactly: 512x1024 -> 65x129 at layer4.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+
+from jaxda.models import layers
+
+# Blocks per layer for the published depths.
+STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+def _conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1, name: str):
+    pad = dilation * (kernel - 1) // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        kernel_dilation=(dilation, dilation),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        kernel_init=layers.deeplab_kernel_init,
+        name=name,
+    )
+
+
+class Bottleneck(nn.Module):
+    """Caffe-style bottleneck: 1x1 (stride) -> 3x3 (dilation) -> 1x1 (4x planes), + shortcut."""
+
+    planes: int
+    stride: int = 1
+    dilation: int = 1
+    project: bool = False
+    use_running_average: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        def bn(name):
+            return layers.batch_norm(name, use_running_average=self.use_running_average)
+
+        residual = x
+        y = nn.relu(bn("bn1")(_conv(self.planes, 1, stride=self.stride, name="conv1")(x)))
+        y = _conv(self.planes, 3, dilation=self.dilation, name="conv2")(y)
+        y = nn.relu(bn("bn2")(y))
+        y = bn("bn3")(_conv(self.planes * 4, 1, name="conv3")(y))
+        if self.project:
+            residual = _conv(self.planes * 4, 1, stride=self.stride, name="downsample")(x)
+            residual = bn("bn_downsample")(residual)
+        return nn.relu(y + residual)
+
+
+class ResNet(nn.Module):
+    """DeepLab-v2 ResNet backbone.
+
+    Attributes:
+      stage_sizes: blocks in layer1..layer4, e.g. (3, 4, 23, 3) for ResNet-101.
+      width: planes of layer1 (64 in the published models; smaller for the synthetic benchmark).
+      use_running_average: BN normalises with running statistics (True) or batch statistics.
+    """
+
+    stage_sizes: Sequence[int] = STAGE_SIZES[101]
+    width: int = 64
+    use_running_average: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+        """[N, H, W, 3] -> {'layer1'..'layer4': [N, h, w, channels]} (layer3/4 at stride 8)."""
+        x = _conv(self.width, 7, stride=2, name="conv1")(x)
+        x = layers.batch_norm("bn1", use_running_average=self.use_running_average)(x)
+        x = layers.max_pool_ceil(nn.relu(x), window=3, stride=2, padding=1)
+        features = {}
+        # (planes multiplier, stride, dilation) of layer1..layer4: output stride 8.
+        layer_specs = ((1, 1, 1), (2, 2, 1), (4, 1, 2), (8, 1, 4))
+        for layer_index, (blocks, (mult, stride, dilation)) in enumerate(
+            zip(self.stage_sizes, layer_specs, strict=True), start=1
+        ):
+            for block in range(blocks):
+                x = Bottleneck(
+                    planes=self.width * mult,
+                    stride=stride if block == 0 else 1,
+                    dilation=dilation,
+                    project=block == 0,
+                    use_running_average=self.use_running_average,
+                    name=f"layer{layer_index}_{block}",
+                )(x)
+            features[f"layer{layer_index}"] = x
+        return features

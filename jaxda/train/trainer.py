@@ -1,0 +1,258 @@
+"""The training loop shared by every method.
+
+Order of events at start: 1. if the workdir holds a checkpoint, resume from the latest one
+(state, step and input-pipeline position); 2. else initialise, then load the segmentation
+network from `config.init_from` when given; 3. else train from scratch.
+"""
+
+import collections
+import functools
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from jaxda import checkpoints, models
+from jaxda import mesh as mesh_lib
+from jaxda.data import input_pipeline
+from jaxda.evaluation import evaluator as evaluator_lib
+from jaxda.evaluation import metrics as metrics_lib
+from jaxda.train import methods, optimizers
+from jaxda.train import state as state_lib
+
+EVAL_SUBDIR = "eval"
+RESULTS_FILE = "results.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or infinite; training stopped before saving anything after it."""
+
+
+def _model_meta(config) -> dict:
+    return json.loads(config.model.to_json())
+
+
+def _is_step(step: int, every: int, total: int) -> bool:
+    return step == total or (every > 0 and step % every == 0)
+
+
+def _load_eval_history(workdir: str) -> list[dict]:
+    directory = os.path.join(workdir, EVAL_SUBDIR)
+    if not os.path.isdir(directory):
+        return []
+    history = []
+    for name in sorted(os.listdir(directory)):
+        if name.startswith("step_") and name.endswith(".json"):
+            with open(os.path.join(directory, name)) as f:
+                history.append(json.load(f))
+    return history
+
+
+def _write_eval(writer, results: dict, workdir: str) -> None:
+    step = results["step"]
+    evaluator_lib.write_results(
+        results, os.path.join(workdir, EVAL_SUBDIR, f"step_{step:07d}.json")
+    )
+    scalars = {"eval/miou": results["miou"], "eval/pixel_accuracy": results["pixel_accuracy"]}
+    for key, value in results.items():
+        if key.startswith("miou_"):
+            scalars[f"eval/{key}"] = value
+    for name, value in results["per_class_iou"].items():
+        if value is not None:
+            scalars[f"eval/iou/{name}"] = value
+    writer.write_scalars(step, scalars)
+
+
+def summarize_run(history: list[dict], total_steps: int) -> dict:
+    """Final-checkpoint results and, separately labelled, the best evaluation on the val split."""
+    final = next((r for r in history if r["step"] == total_steps), None)
+    summary = {"final": final}
+    if history:
+        best = max(history, key=lambda r: r["miou"])
+        summary["selected_on_validation"] = {
+            "note": "best of the periodic evaluations on the evaluation split itself: an "
+            "optimistic, selected number, not a held-out result; report 'final'",
+            "step": best["step"],
+            "miou": best["miou"],
+            "evaluated_steps": [r["step"] for r in history],
+        }
+    return summary
+
+
+def _check_finite(step: int, metrics: dict, last_checkpoint: int | None) -> None:
+    bad = {k: float(v) for k, v in metrics.items() if not np.isfinite(v)}
+    if bad:
+        where = (
+            f"the last checkpoint (step {last_checkpoint}) is intact"
+            if last_checkpoint is not None
+            else "no checkpoint had been written yet"
+        )
+        raise NonFiniteLossError(
+            f"Non-finite loss at step {step}: {bad}. Training stopped and nothing from this step "
+            f"was saved; {where}. Lower the learning rate or the adversarial weights, check the "
+            "input data, then rerun the same command to resume."
+        )
+
+
+def _build(config, mesh):
+    """Model, discriminator, method, optimizer and the abstract (shape-only) train state."""
+    model = models.build_segmenter(config.model, config.num_classes)
+    discriminator = models.build_discriminator(config.discriminator)
+    method = methods.get(config.method)
+    tx = optimizers.make_optimizer(config)
+    init_fn = functools.partial(
+        state_lib.create,
+        model=model,
+        discriminator=discriminator,
+        discriminator_heads=method.discriminator_heads(config),
+        num_classes=config.num_classes,
+        tx=tx,
+    )
+    replicated = mesh_lib.replicated(mesh)
+    abstract = jax.eval_shape(init_fn, jax.random.key(config.seed))
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
+    )
+    return model, discriminator, method, tx, init_fn, abstract
+
+
+def _initial_state(config, init_fn, abstract, checkpointer, mesh):
+    replicated = mesh_lib.replicated(mesh)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        items, meta = checkpointer.restore(latest, abstract.checkpoint_items(), _model_meta(config))
+        logging.info(
+            "Resuming from the checkpoint of step %d in %s", latest, checkpointer.directory
+        )
+        return state_lib.TrainState.from_checkpoint_items(items), meta
+    state = jax.jit(init_fn, out_shardings=jax.tree.map(lambda _: replicated, abstract))(
+        jax.random.key(config.seed)
+    )
+    if config.init_from:
+        step_dir = checkpoints.find_step_dir(config.init_from)
+        variables, _ = checkpoints.restore_model_variables(
+            step_dir, abstract.model_variables(), _model_meta(config)
+        )
+        state = state.replace(
+            params={**state.params, "seg": variables["params"]},
+            batch_stats=variables.get("batch_stats", state.batch_stats),
+        )
+        logging.info("Initialised the segmentation network from %s", step_dir)
+    return state, {}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains `config.method`, evaluating and checkpointing periodically; returns the summary."""
+    os.makedirs(workdir, exist_ok=True)
+    mesh = mesh_lib.make_mesh(config.num_devices or None)
+    mesh_lib.check_batch_size(config.batch_size, mesh)
+    model, discriminator, method, tx, init_fn, abstract = _build(config, mesh)
+    checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
+    state, meta = _initial_state(config, init_fn, abstract, checkpointer, mesh)
+    start_step = int(state.step)
+    positions = {d: start_step * config.batch_size for d in method.domains}
+    for domain, saved in meta.get("data_position", {}).items():
+        if saved != positions.get(domain, saved):
+            raise checkpoints.CheckpointMismatchError(
+                f"Checkpoint of step {start_step} recorded {domain} stream position {saved}, but "
+                f"step x batch_size = {positions[domain]}: config.batch_size changed since it "
+                "was written. Resume with the original batch size or use a new workdir."
+            )
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+    streams = {
+        domain: input_pipeline.train_iterator(
+            config.data[domain],
+            config.data,
+            global_batch_size=config.batch_size,
+            seed=(config.seed, stream),
+            start=positions[domain],
+        )
+        for stream, domain in enumerate(method.domains)
+    }
+    replicated = mesh_lib.replicated(mesh)
+    state_sharding = jax.tree.map(lambda _: replicated, abstract)
+    train_step = jax.jit(
+        functools.partial(
+            method.train_step, model=model, discriminator=discriminator, tx=tx, config=config
+        ),
+        donate_argnums=(0,),
+        out_shardings=(state_sharding, replicated),
+    )
+    evaluator = evaluator_lib.Evaluator(model, config, mesh)
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0, asynchronous=True
+    )
+    report = periodic_actions.ReportProgress(
+        num_train_steps=config.total_steps, writer=writer, every_steps=config.log_every_steps
+    )
+    history = [r for r in _load_eval_history(workdir) if r["step"] <= start_step]
+    last_checkpoint = checkpointer.latest_step()
+    window = collections.defaultdict(list)
+    logging.info(
+        "Training %s from step %d to %d on %d device(s), global batch %d",
+        config.method,
+        start_step,
+        config.total_steps,
+        mesh.size,
+        config.batch_size,
+    )
+    try:
+        for step in range(start_step + 1, config.total_steps + 1):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                batch = mesh_lib.to_global({d: next(s) for d, s in streams.items()}, mesh)
+                state, metrics = train_step(state, batch)
+            metrics = jax.device_get(metrics)
+            _check_finite(step, metrics, last_checkpoint)
+            for key, value in metrics.items():
+                window[key].append(float(value))
+            report(step)
+            if _is_step(step, config.log_every_steps, config.total_steps):
+                scalars = {f"train/{k}": float(np.mean(v)) for k, v in window.items()}
+                scalars["train/learning_rate"] = float(
+                    optimizers.segmentation_learning_rate(config, step - 1)
+                )
+                writer.write_scalars(step, scalars)
+                logging.info(
+                    "step %d: %s", step, ", ".join(f"{k[6:]}={v:.4g}" for k, v in scalars.items())
+                )
+                window.clear()
+            if _is_step(step, config.checkpoint_every_steps, config.total_steps):
+                meta = {
+                    "data_position": {d: step * config.batch_size for d in method.domains},
+                    "model": _model_meta(config),
+                    "method": config.method,
+                }
+                checkpointer.save(step, state.checkpoint_items(), meta)
+                last_checkpoint = step
+            if _is_step(step, config.eval_every_steps, config.total_steps):
+                results = evaluator.run(state.model_variables(), step)
+                _write_eval(writer, results, workdir)
+                history.append(results)
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        writer.flush()
+
+    if not history or history[-1]["step"] != config.total_steps:
+        # Resumed after the last step had already been trained: evaluate its checkpoint again.
+        results = evaluator.run(state.model_variables(), int(state.step))
+        _write_eval(writer, results, workdir)
+        history.append(results)
+    writer.close()
+    summary = {"method": config.method, **summarize_run(history, config.total_steps)}
+    evaluator_lib.write_results(summary, os.path.join(workdir, RESULTS_FILE))
+    final = summary["final"]
+    print(metrics_lib.format_table(final, f"Target mIoU at the final step {final['step']}:"))
+    if "selected_on_validation" in summary:
+        sel = summary["selected_on_validation"]
+        print(
+            f"  (selected on the validation split, optimistic: step {sel['step']} "
+            f"mIoU {sel['miou']:.2f})"
+        )
+    return summary

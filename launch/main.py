@@ -1,0 +1,50 @@
+"""Command line: train (default) or evaluate a jaxda config.
+
+  python -m launch.main --config=configs/adaptseg.py:synthetic --workdir=/tmp/adaptseg
+  python -m launch.main --config=configs/adaptseg.py:synthetic --workdir=/tmp/adaptseg --mode=eval
+
+This file is intentionally short: all logic lives in the importable `jaxda` library.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Config file (path[:args]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (resuming if possible) or evaluate.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def _quiet_orbax(record) -> bool:
+    """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_quiet_orbax)
+    import tensorflow as tf
+
+    # tf.data only runs the input pipeline; keep TensorFlow off any accelerator.
+    tf.config.set_visible_devices([], "GPU")
+    import jax
+
+    from jaxda.evaluation import run as eval_run
+    from jaxda.train import trainer
+
+    logging.info(
+        "JAX devices: %s (process %d of %d)",
+        jax.devices(),
+        jax.process_index(),
+        jax.process_count(),
+    )
+    if FLAGS.mode == "train":
+        trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    else:
+        eval_run.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
