@@ -1,0 +1,57 @@
+"""Test setup: 8 fake CPU devices (set before JAX starts) and a tiny built-in dataset."""
+
+import os
+
+# Must happen before anything imports jax: multi-device behaviour is tested on fake devices.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+# Tests run a few steps of tiny networks: compile time dominates, so trade run-time speed for
+# much faster XLA compilation. Results stay deterministic.
+jax.config.update("jax_disable_most_optimizations", True)
+
+TINY_DATASET = "synthetic_shift/tiny"
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+    """A TFDS data_dir holding the tiny synthetic benchmark (built once per session)."""
+    from jaxda.data import sources
+
+    path = str(tmp_path_factory.mktemp("tfds"))
+    sources.get_builder(TINY_DATASET, path)
+    return path
+
+
+def tiny_config(method: str = "adaptseg", data_dir: str = "", **overrides):
+    """A config of `method` on the tiny dataset with a very small network (for tests only)."""
+    from configs import adaptseg, oracle, source_only
+
+    module = {"adaptseg": adaptseg, "source_only": source_only, "oracle": oracle}[method]
+    config = module.get_config("synthetic")
+    for stream in ("source", "target", "eval"):
+        config.data[stream].name = TINY_DATASET
+    if method == "oracle":
+        config.data.source.split = "target_train"
+    config.data.data_dir = data_dir
+    config.model.width = 4
+    config.discriminator.width = 4
+    config.batch_size = 8
+    config.data.eval.batch_size = 8
+    config.num_devices = 1
+    config.total_steps = 4
+    config.log_every_steps = 2
+    config.eval_every_steps = 2
+    config.checkpoint_every_steps = 2
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config

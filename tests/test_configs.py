@@ -1,0 +1,67 @@
+"""Every config and variant builds; bad arguments and missing data give actionable errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from configs import adaptseg, common, oracle, source_only
+from jaxda import mesh as mesh_lib
+from jaxda.data import sources
+from jaxda.train import trainer
+
+VARIANTS = {
+    source_only: ["", "synthetic"],
+    oracle: ["", "synthetic"],
+    adaptseg: ["", "synthetic", "single", "ls", "single,ls", "synthetic,single,ls"],
+}
+
+
+@pytest.mark.parametrize(("module", "arg"), [(m, a) for m, args in VARIANTS.items() for a in args])
+def test_config_builds(module, arg):
+    config = module.get_config(arg)
+    setup = trainer.build(config, mesh_lib.make_mesh(1))
+    heads = setup.method.discriminator_heads(config)
+    assert set(setup.abstract_state.params["disc"]) == set(heads)
+    if "single" in arg:
+        assert heads == ("main",) and "head_aux" not in setup.abstract_state.params["seg"]
+
+
+def test_published_adaptseg_values():
+    config = adaptseg.get_config()
+    assert config.adaptseg.lambda_adv.to_dict() == {"main": 0.001, "aux": 0.0002}
+    assert (config.optimizer.learning_rate, config.disc_optimizer.learning_rate) == (2.5e-4, 1e-4)
+    assert (config.total_steps, config.optimizer.decay_steps) == (150_000, 250_000)
+    assert config.data.source.size == (720, 1280) and config.data.eval.size == (512, 1024)
+    assert oracle.get_config().data.source.split == "train"
+    assert oracle.get_config().data.source.name.startswith("cityscapes")
+
+
+def test_unknown_config_argument():
+    with pytest.raises(ValueError, match="Unknown config argument 'synthtic'"):
+        adaptseg.get_config("synthtic")
+    with pytest.raises(ValueError, match="needs a value"):
+        common.parse_arg("seed", seed=1)
+
+
+def test_missing_dataset_error_says_what_to_do(tmp_path):
+    with pytest.raises(sources.DatasetNotPreparedError, match=r"gta5.*:synthetic"):
+        sources.SplitReader("gta5", "train", str(tmp_path))
+
+
+def test_unknown_command_line_key_is_an_error(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.main",
+            "--config=configs/adaptseg.py:synthetic",
+            f"--workdir={tmp_path}",
+            "--config.adaptseg.lamda_adv=1",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "lamda_adv" in result.stderr
