@@ -8,8 +8,8 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 # Tests run a few steps of tiny networks: compile time dominates, so trade run-time speed for
 # much faster XLA compilation. Results stay deterministic.

@@ -58,7 +58,7 @@ def test_unknown_command_line_key_is_an_error(tmp_path):
             "--config=configs/adaptseg.py:synthetic",
             f"--workdir={tmp_path}",
             "--config.adaptseg.lamda_adv=1",
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         check=False,

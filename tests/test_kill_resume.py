@@ -11,11 +11,10 @@ import time
 import jax
 import numpy as np
 
-from tests.conftest import TINY_DATASET, tiny_config
-
 from jaxda import checkpoints
 from jaxda import mesh as mesh_lib
 from jaxda.train import trainer
+from tests.conftest import TINY_DATASET, tiny_config
 
 
 def _command(workdir, data_dir):

@@ -5,9 +5,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from tests.conftest import TINY_DATASET, tiny_config
-
 from jaxda.data import input_pipeline, sources
+from tests.conftest import TINY_DATASET, tiny_config
 
 
 def _take(iterator, n):

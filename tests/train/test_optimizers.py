@@ -5,9 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_config
-
 from jaxda.train import optimizers
+from tests.conftest import tiny_config
 
 
 def test_poly_schedule_matches_formula():

@@ -5,11 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_config
-
 from jaxda import mesh as mesh_lib
 from jaxda.models import layers
 from jaxda.train import trainer
+from tests.conftest import tiny_config
 
 
 def _batch(config, *, ignore_labels=False, seed=0):

@@ -7,13 +7,12 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_config
-
 from jaxda import checkpoints
 from jaxda import mesh as mesh_lib
 from jaxda.data import input_pipeline
 from jaxda.evaluation import run as eval_run
 from jaxda.train import methods, source_only, trainer
+from tests.conftest import tiny_config
 
 
 def _params_of(workdir, config, step=None):
