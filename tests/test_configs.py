@@ -49,6 +49,16 @@ def test_missing_dataset_error_says_what_to_do(tmp_path):
         sources.SplitReader("gta5", "train", str(tmp_path))
 
 
+@pytest.mark.parametrize("module", [source_only, adaptseg, oracle])
+def test_published_configs_stop_at_once_without_data(module, tmp_path):
+    config = module.get_config()
+    config.data.data_dir = str(tmp_path / "empty")
+    config.num_devices = 1
+    with pytest.raises(sources.DatasetNotPreparedError, match=r"needs no download"):
+        trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_unknown_command_line_key_is_an_error(tmp_path):
     result = subprocess.run(
         [

@@ -98,7 +98,21 @@ def _process_batch_slice(global_batch_size: int) -> tuple[int, slice]:
     return local, slice(index * local, (index + 1) * local)
 
 
+def open_reader(
+    stream_config: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict
+) -> sources.SplitReader:
+    """The reader of config.data.<stream>; fails fast if the dataset is not prepared."""
+    return sources.SplitReader(
+        stream_config.name,
+        stream_config.split,
+        data_config.data_dir,
+        stream_config.image_key,
+        stream_config.label_key,
+    )
+
+
 def train_iterator(
+    reader: sources.SplitReader,
     domain_config: ml_collections.ConfigDict,
     data_config: ml_collections.ConfigDict,
     *,
@@ -109,19 +123,13 @@ def train_iterator(
     """Endless local batches {'image': [b, H, W, 3] float32, 'label': [b, H, W] uint8}.
 
     Args:
-      domain_config: config.data.source / .target (name, split, size, keys, label_map).
+      reader: the stream's examples (`open_reader`).
+      domain_config: config.data.source / .target (size, label_map).
       data_config: config.data (data_dir, normalisation).
       global_batch_size: examples per step over all processes.
       seed: shuffling seed of this stream (ints, e.g. (config.seed, stream number)).
       start: stream position to start from (samples already consumed).
     """
-    reader = sources.SplitReader(
-        domain_config.name,
-        domain_config.split,
-        data_config.data_dir,
-        domain_config.image_key,
-        domain_config.label_key,
-    )
     local_batch, process_slice = _process_batch_slice(global_batch_size)
 
     def encoded_examples():
@@ -149,6 +157,7 @@ def train_iterator(
 
 
 def eval_iterator(
+    reader: sources.SplitReader,
     eval_config: ml_collections.ConfigDict,
     data_config: ml_collections.ConfigDict,
     *,
@@ -161,13 +170,6 @@ def eval_iterator(
     `eval_config.label_size` (the original resolution when empty) while images are resized to
     `eval_config.size`, as in the Cityscapes protocol (1024x512 input, 2048x1024 labels).
     """
-    reader = sources.SplitReader(
-        eval_config.name,
-        eval_config.split,
-        data_config.data_dir,
-        eval_config.image_key,
-        eval_config.label_key,
-    )
     local_batch, process_slice = _process_batch_slice(global_batch_size)
     num_batches = -(-len(reader) // global_batch_size)
 

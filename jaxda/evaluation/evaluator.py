@@ -34,6 +34,7 @@ class Evaluator:
         self._mesh = mesh
         eval_config = config.data.eval
         mesh_lib.check_batch_size(eval_config.batch_size, mesh, "data.eval.batch_size")
+        self._reader = input_pipeline.open_reader(eval_config, config.data)
         self._num_classes = config.num_classes
         self._head = config.eval.head
         self._confusion_fn = jax.jit(self._batch_confusion, out_shardings=mesh_lib.replicated(mesh))
@@ -64,10 +65,9 @@ class Evaluator:
 
     def confusion(self, variables) -> tuple[np.ndarray, int]:
         """(int64 [C, C] confusion over the whole split, number of examples)."""
+        eval_config = self._config.data.eval
         num_examples, batches = input_pipeline.eval_iterator(
-            self._config.data.eval,
-            self._config.data,
-            global_batch_size=self._config.data.eval.batch_size,
+            self._reader, eval_config, self._config.data, global_batch_size=eval_config.batch_size
         )
         total = np.zeros((self._num_classes, self._num_classes), np.int64)
         for local_batch in batches:

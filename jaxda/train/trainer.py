@@ -194,6 +194,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh_lib.check_batch_size(config.batch_size, mesh)
     setup = build(config, mesh)
     method = setup.method
+    # Open every dataset before the expensive initialisation, so missing data fails at once.
+    readers = {d: input_pipeline.open_reader(config.data[d], config.data) for d in method.domains}
+    evaluator = evaluator_lib.Evaluator(setup.model, config, mesh)
     checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     state, meta = _initial_state(config, setup, checkpointer)
     start_step = int(state.step)
@@ -210,6 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     streams = {
         domain: input_pipeline.train_iterator(
+            readers[domain],
             config.data[domain],
             config.data,
             global_batch_size=config.batch_size,
@@ -219,7 +223,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for stream, domain in enumerate(method.domains)
     }
     train_step = jit_train_step(config, setup)
-    evaluator = evaluator_lib.Evaluator(setup.model, config, mesh)
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0, asynchronous=True
     )

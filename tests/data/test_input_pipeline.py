@@ -52,8 +52,9 @@ def test_train_iterator_is_deterministic_resumable_and_normalised(data_dir):
     config = tiny_config(data_dir=data_dir)
 
     def batches(start, n):
+        reader = input_pipeline.open_reader(config.data.source, config.data)
         it = input_pipeline.train_iterator(
-            config.data.source, config.data, global_batch_size=8, seed=(5, 0), start=start
+            reader, config.data.source, config.data, global_batch_size=8, seed=(5, 0), start=start
         )
         return _take(it, n)
 
@@ -78,8 +79,9 @@ def test_train_iterator_is_deterministic_resumable_and_normalised(data_dir):
 
 def test_eval_iterator_pads_with_ignore_and_covers_every_example(data_dir):
     config = tiny_config(data_dir=data_dir)
+    reader = input_pipeline.open_reader(config.data.eval, config.data)
     count, batches = input_pipeline.eval_iterator(
-        config.data.eval, config.data, global_batch_size=6
+        reader, config.data.eval, config.data, global_batch_size=6
     )
     batches = list(batches)
     assert count == 16 and len(batches) == 3

@@ -124,3 +124,56 @@ def test_step_compiles_once():
     assert step._cache_size() == 1
     assert int(state.step) == 3
     assert jnp.issubdtype(state.rng.dtype, jnp.uint32)
+
+
+def _numpy_log_softmax(x):
+    x = np.asarray(x, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _numpy_bce(logits, target):
+    p = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
+    return float(-np.mean(target * np.log(p) + (1 - target) * np.log(1 - p)))
+
+
+def test_adaptseg_losses_match_an_independent_computation():
+    """The step's reported losses, recomputed from separate forward passes and NumPy."""
+    from jaxda.models.layers import resize_bilinear_align_corners
+
+    config = tiny_config()
+    config.adaptseg.lambda_adv = {"main": 0.3, "aux": 0.05}
+    batch = _batch(config)
+    mesh = mesh_lib.make_mesh(1)
+    setup = trainer.build(config, mesh)
+    state = trainer.init_state(config, setup)
+    variables, disc = jax.device_get(state.model_variables()), jax.device_get(state.params["disc"])
+    _, metrics = trainer.jit_train_step(config, setup)(state, mesh_lib.to_global(batch, mesh))
+
+    def outputs(images):  # Batch statistics: running averages do not enter the outputs.
+        out, _ = setup.model.apply(variables, images, train=True, mutable=["batch_stats"])
+        return {k: np.asarray(resize_bilinear_align_corners(v, (32, 64))) for k, v in out.items()}
+
+    def d_logits(head, probs):
+        return np.asarray(setup.discriminator.apply({"params": disc[head]}, probs))
+
+    source, target = outputs(batch["source"]["image"]), outputs(batch["target"]["image"])
+    labels = batch["source"]["label"].astype(np.int64)
+    expected = {}
+    for head in ("main", "aux"):
+        log_p = _numpy_log_softmax(source[head])
+        expected[f"loss_seg_{head}"] = -np.take_along_axis(log_p, labels[..., None], -1).mean()
+        p_source = np.exp(_numpy_log_softmax(source[head])).astype(np.float32)
+        p_target = np.exp(_numpy_log_softmax(target[head])).astype(np.float32)
+        expected[f"loss_adv_{head}"] = _numpy_bce(d_logits(head, p_target), 0.0)
+        expected[f"loss_disc_{head}"] = 0.5 * _numpy_bce(
+            d_logits(head, p_source), 0.0
+        ) + 0.5 * _numpy_bce(d_logits(head, p_target), 1.0)
+    expected["loss_generator"] = (
+        expected["loss_seg_main"]
+        + 0.1 * expected["loss_seg_aux"]
+        + 0.3 * expected["loss_adv_main"]
+        + 0.05 * expected["loss_adv_aux"]
+    )
+    for key, value in expected.items():
+        assert float(metrics[key]) == pytest.approx(value, rel=2e-4), key
