@@ -232,6 +232,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     history = [r for r in _load_eval_history(workdir) if r["step"] <= start_step]
     last_checkpoint = checkpointer.latest_step()
     window = collections.defaultdict(list)
+    for group, params in setup.abstract_state.params.items():
+        count = sum(x.size for x in jax.tree.leaves(params))
+        logging.info("Parameters of %s: %s", group, f"{count:,}")
     logging.info(
         "Training %s from step %d to %d on %d device(s), global batch %d",
         config.method,

@@ -33,8 +33,7 @@ class SyntheticShiftConfig(tfds.core.BuilderConfig):
 class SyntheticShift(tfds.core.GeneratorBasedBuilder):
     """Procedural 'game' (source) and 'real' (target) street scenes in Cityscapes train ids."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}  # noqa: RUF012  (the TFDS convention)
+    VERSION = tfds.core.Version(synthetic.GENERATOR_VERSION)
     BUILDER_CONFIGS = [
         SyntheticShiftConfig(name=f"{h}x{w}", height=h, width=w)
         for h, w in ((64, 128), (128, 256), (256, 512))
