@@ -138,9 +138,10 @@ def use_synthetic(c: ml_collections.ConfigDict) -> None:
     """Switches a config to the built-in benchmark with a small model and a CPU-sized schedule.
 
     Deviations from the published setting, and why: a small Caffe ResNet (one block per layer,
-    width 8) trained from scratch, since no ImageNet weights exist here, with BN affine
-    trained; ASPP dilations scaled to the 9x17 logit grid of 64x128 inputs; SGD learning rate
-    scaled up for training from scratch (2.5e-3, poly over the run); batch 8.
+    width 8) trained from scratch, since no ImageNet weights exist here (BN as published:
+    batch statistics in training, affine frozen); ASPP dilations (1, 2, 3, 4) scaled to the
+    9x17 logit grid of 64x128 inputs, all four branches summed; SGD learning rate 2.5e-3
+    (10x, for training from scratch) with the poly decay over the 600-step run; batch 8.
     """
     c.total_steps = 600
     c.batch_size = 8
@@ -151,7 +152,6 @@ def use_synthetic(c: ml_collections.ConfigDict) -> None:
     c.model.width = 8
     c.model.aspp_dilations = (1, 2, 3, 4)
     c.model.num_aspp_branches = 4
-    c.model.bn_mode = "train"
     c.discriminator.width = 16
     c.optimizer.learning_rate = 2.5e-3
     c.optimizer.decay_steps = 0  # 0 = total_steps.
