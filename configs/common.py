@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 5000
     c.keep_checkpoints = 2
     c.init_from = ""  # A workdir or checkpoint step directory to load the network from.
+    c.deterministic_gpu_ops = True  # Bit-reproducible GPU runs, at some speed cost.
 
     c.model = ml_collections.ConfigDict(
         {

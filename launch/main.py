@@ -6,6 +6,9 @@
 This file is intentionally short: all logic lives in the importable `jaxda` library.
 """
 
+import logging as std_logging
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -18,13 +21,18 @@ FLAGS = flags.FLAGS
 
 def _quiet_orbax(record) -> bool:
     """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_quiet_orbax)
+    if FLAGS.config.deterministic_gpu_ops:
+        # Must be set before JAX starts: GPU reductions then run in a fixed order, so the same
+        # run twice gives the same numbers there too (CPU and TPU are deterministic anyway).
+        flags_env = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags_env} --xla_gpu_deterministic_ops=true".strip()
     import tensorflow as tf
 
     # tf.data only runs the input pipeline; keep TensorFlow off any accelerator.
