@@ -81,6 +81,36 @@ CITYSCAPES_LABEL_TO_TRAIN_ID = {
 }
 
 
+# SYNTHIA (RAND-CITYSCAPES) class id -> train id (methods.md 9: MaxSquare, da-sac, RobustNet);
+# 0 void, 13 parking-slot, 14 road-work, 22 lane-marking and every other id -> ignore.
+SYNTHIA_TO_TRAIN_ID = {
+    1: 10,
+    2: 2,
+    3: 0,
+    4: 1,
+    5: 4,
+    6: 8,
+    7: 5,
+    8: 13,
+    9: 7,
+    10: 11,
+    11: 18,
+    12: 17,
+    15: 6,
+    16: 9,
+    17: 12,
+    18: 14,
+    19: 15,
+    20: 16,
+    21: 3,
+}
+
+# SYNTHIA -> Cityscapes is evaluated on 16 classes (terrain, truck and train do not occur in
+# SYNTHIA) and on 13 (also without wall, fence and pole), both from the same confusion matrix.
+SYNTHIA_16_CLASSES = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
+SYNTHIA_13_CLASSES = (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
+
+
 def class_id(name: str) -> int:
     """Returns the Cityscapes train id of a class name, e.g. 'car' -> 13."""
     try:

@@ -42,3 +42,20 @@ def test_summarize_subsets_and_names():
     only_b = metrics.summarize(confusion, ["a", "b", "c"], evaluated_classes=(1,))
     assert list(only_b["per_class_iou"]) == ["b"] and only_b["miou"] == pytest.approx(50.0)
     assert "mIoU" in metrics.format_table(results)
+
+
+def test_synthia_class_subsets_match_methods_md():
+    from jaxda.data import labels
+
+    names16 = [labels.CITYSCAPES_CLASSES[c] for c in labels.SYNTHIA_16_CLASSES]
+    assert names16 == [
+        "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+        "traffic sign", "vegetation", "sky", "person", "rider", "car", "bus",
+        "motorcycle", "bicycle",
+    ]  # fmt: skip
+    # The 13-class list = indices [0,1,2,6,...,15] of the 16-class list.
+    index13 = [0, 1, 2, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
+    assert labels.SYNTHIA_13_CLASSES == tuple(labels.SYNTHIA_16_CLASSES[i] for i in index13)
+    # ProDA's 19-class SYNTHIA id list, in train-id order.
+    proda19 = [3, 4, 2, 21, 5, 7, 15, 9, 6, 16, 1, 10, 17, 8, 18, 19, 20, 12, 11]
+    assert [labels.SYNTHIA_TO_TRAIN_ID[i] for i in proda19] == list(range(19))
