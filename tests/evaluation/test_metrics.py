@@ -55,7 +55,7 @@ def test_synthia_class_subsets_match_methods_md():
     ]  # fmt: skip
     # The 13-class list = indices [0,1,2,6,...,15] of the 16-class list.
     index13 = [0, 1, 2, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
-    assert labels.SYNTHIA_13_CLASSES == tuple(labels.SYNTHIA_16_CLASSES[i] for i in index13)
+    assert tuple(labels.SYNTHIA_16_CLASSES[i] for i in index13) == labels.SYNTHIA_13_CLASSES
     # ProDA's 19-class SYNTHIA id list, in train-id order.
     proda19 = [3, 4, 2, 21, 5, 7, 15, 9, 6, 16, 1, 10, 17, 8, 18, 19, 20, 12, 11]
     assert [labels.SYNTHIA_TO_TRAIN_ID[i] for i in proda19] == list(range(19))
