@@ -7,10 +7,19 @@ selected with the config argument, e.g. `--config=configs/adaptseg.py:synthetic`
 import ml_collections
 from ml_collections import config_dict
 
-from jaxda.data import synthetic
+from jaxda.data import labels, synthetic
 
-# DeepLab's Caffe-era input normalisation: BGR, minus this mean, no scaling (methods.md 1).
-CAFFE_BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)
+# Input normalisations: image = (pixel in 0..255, BGR if `bgr`) - mean) / std.
+NORMALIZATIONS = {
+    # DeepLab's Caffe-era weights (AdaptSegNet, ADVENT, MaxSquare): BGR minus the mean, no std.
+    "caffe_bgr": {"bgr": True, "image_mean": (104.00698793, 116.66876762, 122.67891434),
+                  "image_std": (1.0, 1.0, 1.0)},
+    # ProDA: RGB / 255, no mean.
+    "unit": {"bgr": False, "image_mean": (0.0, 0.0, 0.0), "image_std": (255.0, 255.0, 255.0)},
+    # torchvision ImageNet weights (DA-SAC, RobustNet).
+    "imagenet": {"bgr": False, "image_mean": (123.675, 116.28, 103.53),
+                 "image_std": (58.395, 57.12, 57.375)},
+}  # fmt: skip
 
 SYNTHETIC_DATASET = "synthetic_shift/64x128"
 
@@ -40,7 +49,12 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def domain(name: str, split: str, size=None, label_map: str = "") -> ml_collections.ConfigDict:
-    """One input stream: a TFDS dataset split, resized to `size` = (height, width) if given."""
+    """One input stream: a TFDS dataset split, resized to `size` = (height, width) if given.
+
+    The augmentation keys act on training streams only (evaluation is never augmented) and are
+    all off by default, as in AdaptSegNet and ADVENT (methods.md 1, 2). Each example's draws
+    depend only on (stream seed, stream position), so resumed runs see the same augmentations.
+    """
     return ml_collections.ConfigDict(
         {
             "name": name,
@@ -49,6 +63,17 @@ def domain(name: str, split: str, size=None, label_map: str = "") -> ml_collecti
             "image_key": "image",
             "label_key": "label",
             "label_map": label_map,
+            # (min, max): rescale by U(min, max) x `size` (x the original size if unset);
+            # bicubic image, nearest label. Needs crop_size or size (then cropped back to it).
+            "random_scale": (),
+            # (height, width): random crop; a smaller image is padded (label 255, image 0
+            # after normalisation, i.e. the mean colour).
+            "crop_size": (),
+            "flip": False,  # Horizontal flip with probability 0.5.
+            "blur_prob": 0.0,  # Gaussian blur probability (MaxSquare: 0.5) ...
+            "blur_sigma": (0.0, 1.0),  # ... with std ~ U(min, max) pixels (MaxSquare: (0, 1)).
+            # s > 0: brightness, contrast and saturation factors ~ U(1 - s, 1 + s).
+            "color_jitter": 0.0,
         }
     )
 
@@ -108,20 +133,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(
         {
             "data_dir": "",  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
-            "bgr": True,
-            "image_mean": CAFFE_BGR_MEAN,
-            "image_std": (1.0, 1.0, 1.0),
-            "source": domain("gta5", "train", (720, 1280), label_map="cityscapes_label_ids"),
-            "target": domain(
-                "cityscapes/semantic_segmentation", "train", (512, 1024), "cityscapes_label_ids"
-            ),
+            **NORMALIZATIONS["caffe_bgr"],
+            # Datasets built by `python -m launch.prepare`; labels are stored as train ids.
+            "source": domain("gta5", "train", (720, 1280)),
+            "target": domain("cityscapes_fine", "train", (512, 1024)),
         }
     )
-    c.data.target.image_key, c.data.target.label_key = "image_left", "segmentation_label"
-    c.data.eval = domain(
-        "cityscapes/semantic_segmentation", "validation", (512, 1024), "cityscapes_label_ids"
-    )
-    c.data.eval.image_key, c.data.eval.label_key = "image_left", "segmentation_label"
+    # Cityscapes val protocol: input resized to 1024x512, logits upsampled (align corners) to
+    # the original 2048x1024 labels.
+    c.data.eval = domain("cityscapes_fine", "validation", (512, 1024))
     c.data.eval.label_size = config_dict.placeholder(tuple)  # None: original (1024x2048).
     c.data.eval.batch_size = 1
     c.eval = ml_collections.ConfigDict(
@@ -133,6 +153,36 @@ def base_config() -> ml_collections.ConfigDict:
         }
     )
     return c
+
+
+SOURCES = ("gta5", "synthia")
+
+
+def select_data(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict) -> None:
+    """Applies the data arguments every method config takes: `synthetic` or `source=...`."""
+    if args.source not in SOURCES:
+        raise ValueError(f"Unknown source={args.source!r}; use one of {SOURCES}")
+    if args.synthetic and args.source != "gta5":
+        raise ValueError("`synthetic` and `source=...` exclude each other")
+    if args.synthetic:
+        use_synthetic(c)
+    elif args.source == "synthia":
+        use_synthia(c)
+
+
+def use_synthia(c: ml_collections.ConfigDict) -> None:
+    """SYNTHIA-RAND-CITYSCAPES -> Cityscapes: 19 outputs, mIoU over the 16 SYNTHIA classes.
+
+    The 13-class mIoU (without wall, fence, pole) and the 19-class one come from the same
+    confusion matrix and are always reported, labelled, next to it.
+    """
+    c.data.source = domain("synthia_rand_cityscapes", "train", (760, 1280))
+    c.eval.classes = labels.SYNTHIA_16_CLASSES
+    c.eval.class_subsets = {
+        "16": labels.SYNTHIA_16_CLASSES,
+        "13": labels.SYNTHIA_13_CLASSES,
+        "19": tuple(range(labels.NUM_CLASSES)),
+    }
 
 
 def use_synthetic(c: ml_collections.ConfigDict) -> None:

@@ -4,7 +4,8 @@ The lower bound of every adaptation table: CE on the main head + 0.1 x CE on the
 exactly AdaptSegNet's segmentation loss without the adversarial part (methods.md section 1).
 
   python -m launch.main --config=configs/source_only.py --workdir=/tmp/source_only
-  python -m launch.main --config=configs/source_only.py:synthetic --workdir=/tmp/so_syn
+  python -m launch.main --config=configs/source_only.py:source=synthia --workdir=/tmp/so_syn
+  python -m launch.main --config=configs/source_only.py:synthetic --workdir=/tmp/so_bench
 
 Published: MaxSquare's README reports 36.9 mIoU for its GTA5 source model (its own schedule);
 AdaptSegNet's paper table has no R101 source-only row in the repo.
@@ -14,9 +15,8 @@ from configs import common
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg, synthetic=False)
+    args = common.parse_arg(arg, synthetic=False, source="gta5")
     config = common.base_config()
     config.method = "source_only"
-    if args.synthetic:
-        common.use_synthetic(config)
+    common.select_data(config, args)
     return config

@@ -11,10 +11,13 @@ from jaxda.data import sources
 from jaxda.train import trainer
 
 VARIANTS = {
-    source_only: ["", "synthetic"],
+    source_only: ["", "synthetic", "source=synthia"],
     oracle: ["", "synthetic"],
-    adaptseg: ["", "synthetic", "single", "ls", "single,ls", "synthetic,single,ls"],
-}
+    adaptseg: [
+        "", "synthetic", "single", "ls", "single,ls", "synthetic,single,ls", "source=synthia",
+        "source=synthia,single",
+    ],
+}  # fmt: skip
 
 
 @pytest.mark.parametrize(("module", "arg"), [(m, a) for m, args in VARIANTS.items() for a in args])
@@ -33,8 +36,13 @@ def test_published_adaptseg_values():
     assert (config.optimizer.learning_rate, config.disc_optimizer.learning_rate) == (2.5e-4, 1e-4)
     assert (config.total_steps, config.optimizer.decay_steps) == (150_000, 250_000)
     assert config.data.source.size == (720, 1280) and config.data.eval.size == (512, 1024)
+    assert config.data.eval.label_size is None  # Original (2048x1024) labels.
     assert oracle.get_config().data.source.split == "train"
-    assert oracle.get_config().data.source.name.startswith("cityscapes")
+    assert oracle.get_config().data.source.name == "cityscapes_fine"
+    synthia = adaptseg.get_config("source=synthia")
+    assert synthia.data.source.name == "synthia_rand_cityscapes"
+    assert synthia.num_classes == 19 and len(synthia.eval.classes) == 16
+    assert set(synthia.eval.class_subsets) == {"16", "13", "19"}
 
 
 def test_unknown_config_argument():
@@ -42,6 +50,10 @@ def test_unknown_config_argument():
         adaptseg.get_config("synthtic")
     with pytest.raises(ValueError, match="needs a value"):
         common.parse_arg("seed", seed=1)
+    with pytest.raises(ValueError, match="Unknown source='cityscapes'"):
+        source_only.get_config("source=cityscapes")
+    with pytest.raises(ValueError, match="exclude each other"):
+        adaptseg.get_config("synthetic,source=synthia")
 
 
 def test_missing_dataset_error_says_what_to_do(tmp_path):

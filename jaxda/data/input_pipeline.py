@@ -5,7 +5,8 @@ the permutation drawn from (seed, e), and global sample `k` of the stream is
 `perm_{k // n}[k % n]`. A run resumed at step `s` therefore restarts the stream at position
 `s * global_batch_size` and sees exactly the batches an uninterrupted run would have seen,
 with no iterator state to save. Every process reads its slice of each global batch, so the
-global batch (and the result) does not depend on the number of hosts or devices.
+global batch (and the result) does not depend on the number of hosts or devices. Optional
+training augmentations (`augment`) are seeded by (seed, position) too, so they resume exactly.
 """
 
 from collections.abc import Iterator, Sequence
@@ -15,8 +16,8 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from jaxda.data import augment, sources
 from jaxda.data import labels as labels_lib
-from jaxda.data import sources
 
 
 def _permutation(n: int, seed: Sequence[int], epoch: int) -> np.ndarray:
@@ -63,27 +64,92 @@ def normalize_image(image: tf.Tensor, data_config: ml_collections.ConfigDict) ->
     return (image - mean) / std
 
 
-def _decode_fn(domain_config, data_config, label_size: Sequence[int] | None):
-    """Decodes PNG bytes, resizes the image (and label) and normalises the image."""
+def _augment_options(domain_config: ml_collections.ConfigDict) -> dict | None:
+    """Validated keyword arguments of `augment.augment` for a training stream; None if all off.
+
+    With `random_scale` and no `crop_size` the scaled image is cropped (or padded) back to
+    `size`, so that every batch has a static shape.
+    """
+    c = domain_config
+    random_scale, crop_size, blur_sigma = map(tuple, (c.random_scale, c.crop_size, c.blur_sigma))
+    if not (random_scale or crop_size or c.flip or c.blur_prob or c.color_jitter):
+        return None
+    name = f"data stream {c.name}:{c.split}"
+    if random_scale and (len(random_scale) != 2 or not 0 < random_scale[0] <= random_scale[1]):
+        raise ValueError(f"{name}: random_scale must be () or (min, max) with 0 < min <= max")
+    if crop_size and (len(crop_size) != 2 or min(crop_size) < 1):
+        raise ValueError(f"{name}: crop_size must be () or (height, width) with both > 0")
+    if not 0 <= c.blur_prob <= 1 or len(blur_sigma) != 2 or not 0 <= blur_sigma[0] <= blur_sigma[1]:
+        raise ValueError(f"{name}: need 0 <= blur_prob <= 1 and blur_sigma = (min, max) >= 0")
+    if not 0 <= c.color_jitter < 1:
+        raise ValueError(f"{name}: color_jitter must be in [0, 1)")
+    if random_scale and not crop_size:
+        if not c.size:
+            raise ValueError(
+                f"{name}: random_scale={random_scale} needs crop_size or size to give the batches "
+                "a fixed shape; set crop_size=(height, width) or size=(height, width)"
+            )
+        crop_size = tuple(c.size)
+    return {
+        "random_scale": random_scale,
+        "crop_size": crop_size,
+        "flip_prob": 0.5 if c.flip else 0.0,
+        "blur_prob": float(c.blur_prob),
+        "blur_sigma": blur_sigma,
+        "color_jitter_strength": float(c.color_jitter),
+    }
+
+
+def _decode_fn(
+    domain_config, data_config, label_size: Sequence[int] | None, seed: Sequence[int] = ()
+):
+    """Decodes PNG bytes, resizes (and, given a stream seed, augments) and normalises.
+
+    `label_size`: None resizes labels with the image (training); () keeps their original
+    size; (height, width) resizes them to that.
+
+    With a seed, `example['position']` (the stream position) seeds the augmentation.
+    """
     table = _label_table(domain_config.label_map)
     table = None if table is None else tf.constant(table)
     size = domain_config.size
+    options = _augment_options(domain_config) if seed else None
+    # Random scaling resamples the original once, by a factor of `size`, instead of resizing
+    # to `size` first and resampling twice.
+    random_scale = bool(options and options["random_scale"])
+    key = None if options is None else tf.constant(augment.stream_key(seed))
 
     def decode(example):
         image = tf.io.decode_png(example["image"], channels=3)
         label = tf.io.decode_png(example["label"], channels=1)
-        if size:
+        base_size = tf.shape(label)[:2]
+        if size and not random_scale:
             # Images are resized with bicubic filtering (the DeepLab-era loaders use PIL
             # BICUBIC); labels with nearest neighbour so that ids stay ids.
             image = tf.image.resize(image, size, method="bicubic")
             image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
         out_label_size = size if label_size is None else label_size
-        if out_label_size:
+        if out_label_size and not random_scale:
             label = tf.image.resize(label, out_label_size, method="nearest")
         label = label[..., 0]
         if table is not None:
+            # Before augmenting, so that crop padding (255) is not looked up.
             label = tf.gather(table, tf.cast(label, tf.int32))
-        return {"image": normalize_image(image, data_config), "label": label}
+        valid = None
+        if options is not None:
+            image, label, valid = augment.augment(
+                tf.cast(image, tf.float32),
+                label,
+                augment.example_seed(key, example["position"]),
+                base_size=size or base_size,
+                **options,
+            )
+        image = normalize_image(image, data_config)
+        if valid is not None:
+            # Padding is zero after normalisation, i.e. the mean colour: DeepLab-style loaders
+            # pad the mean-subtracted image, so padding adds no contrast of its own.
+            image = tf.where(valid[..., None], image, 0.0)
+        return {"image": image, "label": label}
 
     return decode
 
@@ -133,22 +199,24 @@ def train_iterator(
     local_batch, process_slice = _process_batch_slice(global_batch_size)
 
     def encoded_examples():
-        for _, index in sample_indices(
+        for position, index in sample_indices(
             len(reader),
             seed=seed,
             start=start,
             global_batch_size=global_batch_size,
             process_slice=process_slice,
         ):
-            yield reader[index]
+            yield {**reader[index], "position": position}
 
     signature = {
         "image": tf.TensorSpec((), tf.string),
         "label": tf.TensorSpec((), tf.string),
+        "position": tf.TensorSpec((), tf.int64),
     }
+    decode = _decode_fn(domain_config, data_config, None, seed=tuple(seed))
     dataset = tf.data.Dataset.from_generator(encoded_examples, output_signature=signature)
     dataset = dataset.map(
-        _decode_fn(domain_config, data_config, None),
+        decode,
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
@@ -181,7 +249,8 @@ def eval_iterator(
                 else:
                     yield {"image": b"", "label": b"", "valid": False}
 
-    decode = _decode_fn(eval_config, data_config, eval_config.label_size or None)
+    # () keeps the labels at their original resolution; only the image is resized.
+    decode = _decode_fn(eval_config, data_config, tuple(eval_config.label_size or ()))
     first = decode(reader[0])
     image_shape, label_shape = first["image"].shape, first["label"].shape
 

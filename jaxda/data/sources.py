@@ -13,18 +13,23 @@ from collections.abc import Sequence
 import tensorflow_datasets as tfds
 from absl import logging
 
-from jaxda.data.builders import synthetic_shift  # noqa: F401  (registers the builder)
+from jaxda.data.builders import (  # noqa: F401  (importing registers the builders)
+    cityscapes,
+    gta5,
+    synthetic_shift,
+    synthia,
+)
 
 # Datasets jaxda builds by itself (no download): built on first use.
 BUILT_IN = ("synthetic_shift",)
 
-# How to obtain each downloadable dataset, used in the "not prepared" error.
-PREPARE_HINTS = {
-    "gta5": "GTA5 (https://download.visinf.tu-darmstadt.de/data/from_games/)",
-    "synthia_rand_cityscapes": "SYNTHIA-RAND-CITYSCAPES (https://synthia-dataset.net/downloads/)",
-    "cityscapes": "Cityscapes (https://www.cityscapes-dataset.com/downloads/: "
-    "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip)",
+# Datasets built from downloaded files by `python -m launch.prepare`: TFDS name -> builder.
+DOWNLOADED = {
+    builder.name: builder
+    for builder in (gta5.Gta5, synthia.SynthiaRandCityscapes, cityscapes.CityscapesFine)
 }
+# The TFDS catalog's own `cityscapes` stores raw label ids; jaxda's `cityscapes_fine` replaces it.
+_REPLACED = {"cityscapes": cityscapes.CityscapesFine}
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -38,13 +43,22 @@ def default_data_dir(data_dir: str | None) -> str:
 
 def _not_prepared_message(name: str, data_dir: str) -> str:
     base = name.split("/", maxsplit=1)[0]
-    hint = PREPARE_HINTS.get(base)
-    how = (
-        f"Download {hint} and prepare it into {data_dir} (jaxda's `launch.prepare` command for "
-        "the real datasets arrives with the datasets issue; until then they cannot be built)."
-        if hint
-        else "Check the dataset name in config.data (a TFDS name such as 'synthetic_shift/64x128')."
-    )
+    builder = DOWNLOADED.get(base) or _REPLACED.get(base)
+    if builder is None:
+        how = (
+            "Check the dataset name in config.data (a TFDS name such as 'synthetic_shift/64x128')."
+        )
+    else:
+        how = (
+            f"Download {builder.DOWNLOAD}, then build it with: python -m launch.prepare "
+            f"--dataset={builder.PREPARE_NAME} --manual_dir=DIR --data_dir={data_dir} "
+            f"(DIR holds {builder.EXPECTED})."
+        )
+        if base != builder.name:
+            how += (
+                f" jaxda reads it as {builder.name!r} (labels stored as train ids), not as the "
+                f"TFDS catalog's {base!r}: name {builder.name!r} in config.data (no label_map)."
+            )
     return (
         f"Dataset {name!r} is not prepared in data_dir={data_dir!r}. {how} "
         "The built-in synthetic benchmark needs no download: "

@@ -22,6 +22,12 @@ class FCDiscriminator(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if min(x.shape[1:3]) < 32:
+            # Five stride-2 convs: a smaller map leaves an empty output and a NaN loss.
+            raise ValueError(
+                f"The discriminator needs inputs of at least 32x32 pixels, got {x.shape[1:3]}; "
+                "raise the stream's size in config.data."
+            )
         widths = (self.width, self.width * 2, self.width * 4, self.width * 8, 1)
         names = ("conv1", "conv2", "conv3", "conv4", "classifier")
         for i, (features, name) in enumerate(zip(widths, names, strict=True)):

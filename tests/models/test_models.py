@@ -84,3 +84,5 @@ def test_discriminator_output_is_input_over_32():
             oh, ow = (oh - 2) // 2 + 1, (ow - 2) // 2 + 1
         assert out.shape == (1, oh, ow, 1)
     assert (oh, ow) == (2, 3)
+    with pytest.raises(ValueError, match="at least 32x32"):
+        disc.init(jax.random.key(0), jnp.zeros((1, 16, 64, 19)))
