@@ -289,6 +289,23 @@ class ManualSegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registrati
         self.num_workers = min(16, os.cpu_count() or 1)
         self.split_stats: dict[str, SplitStats] = {}
 
+    def _pairs_from_folders(self, root: str, image_dir: str, label_dir: str) -> dict:
+        """{'train': pairs of `image_dir/X.png` and `label_dir/X.png`} (GTA5, SYNTHIA)."""
+        if not all(os.path.isdir(os.path.join(root, d)) for d in (image_dir, label_dir)):
+            raise layout_error(root, self.TITLE, self.PREPARE_NAME, self.EXPECTED)
+        images, image_others = png_files(root, image_dir)
+        labels, label_others = png_files(root, label_dir)
+        if not images.keys() & labels.keys():
+            raise ManualDataError(
+                f"{self.TITLE}: no image/label pair in {root}: {image_dir}/ holds {len(images)} "
+                f"PNGs ({list_folder(os.path.join(root, image_dir), 3)}) and {label_dir}/ holds "
+                f"{len(labels)} ({list_folder(os.path.join(root, label_dir), 3)}); pairs need "
+                "the same file name in both."
+            )
+        train = pair_by_id(images, labels)
+        train.skipped = image_others + label_others + train.skipped
+        return {"train": train}
+
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,

@@ -10,8 +10,6 @@ stored as splits of their own: that would store tens of GB of images twice; the 
 train ids.
 """
 
-import os
-
 import numpy as np
 
 from jaxda.data import labels as labels_lib
@@ -35,20 +33,7 @@ class Gta5(base.ManualSegmentationBuilder):
     KNOWN_IDS = range(34)  # Cityscapes label ids 0..33; anything else is unknown.
 
     def _find_pairs(self, root: str) -> dict[str, base.SplitPlan]:
-        if not all(os.path.isdir(os.path.join(root, d)) for d in ("images", "labels")):
-            raise base.layout_error(root, self.TITLE, self.PREPARE_NAME, self.EXPECTED)
-        images, image_others = base.png_files(root, "images")
-        labels, label_others = base.png_files(root, "labels")
-        if not images.keys() & labels.keys():
-            raise base.ManualDataError(
-                f"GTA5: no image/label pair in {root}: images/ holds {len(images)} PNGs "
-                f"({base.list_folder(os.path.join(root, 'images'), 3)}) and labels/ holds "
-                f"{len(labels)} ({base.list_folder(os.path.join(root, 'labels'), 3)}); pairs "
-                "need the same file name in both."
-            )
-        train = base.pair_by_id(images, labels)
-        train.skipped = image_others + label_others + train.skipped
-        return {"train": train}
+        return self._pairs_from_folders(root, "images", "labels")
 
     def _decode_label(self, data: bytes, header: base.PngHeader, name: str) -> np.ndarray:
         return base.decode_index_label(data, name, modes=("P", "L"))

@@ -9,8 +9,6 @@ the labels are decoded with `tf.io.decode_png(dtype=uint16)`. All 9,400 images f
 stored `image_id`. Labels are stored as Cityscapes train ids (SYNTHIA_TO_TRAIN_ID).
 """
 
-import os
-
 import numpy as np
 
 from jaxda.data import labels as labels_lib
@@ -39,20 +37,7 @@ class SynthiaRandCityscapes(base.ManualSegmentationBuilder):
     def _find_pairs(self, root: str) -> dict[str, base.SplitPlan]:
         import tensorflow  # noqa: F401  (imported here once, not first in the worker threads)
 
-        if not all(os.path.isdir(os.path.join(root, d)) for d in ("RGB", _LABELS)):
-            raise base.layout_error(root, self.TITLE, self.PREPARE_NAME, self.EXPECTED)
-        images, image_others = base.png_files(root, "RGB")
-        labels, label_others = base.png_files(root, _LABELS)
-        if not images.keys() & labels.keys():
-            raise base.ManualDataError(
-                f"SYNTHIA: no image/label pair in {root}: RGB/ holds {len(images)} PNGs "
-                f"({base.list_folder(os.path.join(root, 'RGB'), 3)}) and {_LABELS}/ holds "
-                f"{len(labels)} ({base.list_folder(os.path.join(root, _LABELS), 3)}); pairs "
-                "need the same file name in both."
-            )
-        train = base.pair_by_id(images, labels)
-        train.skipped = image_others + label_others + train.skipped
-        return {"train": train}
+        return self._pairs_from_folders(root, "RGB", _LABELS)
 
     def _decode_label(self, data: bytes, header: base.PngHeader, name: str) -> np.ndarray:
         if header.bit_depth != 16 or header.color_type not in (2, 6):
