@@ -43,8 +43,3 @@ def to_global(batch, mesh: Mesh):
     """Process-local numpy batch (a pytree) -> global jax arrays sharded over 'data'."""
     sharding = batch_sharded(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
-
-
-def replicate(tree, mesh: Mesh):
-    """Places every leaf of `tree` on all devices of the mesh."""
-    return jax.device_put(tree, replicated(mesh))

@@ -44,8 +44,7 @@ def param_labels(freeze_bn_affine: bool) -> Callable[[dict], dict]:
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """The optimizer for TrainState.params from `config.optimizer` and `config.disc_optimizer`."""
     opt = config.optimizer
-    decay_steps = opt.decay_steps or config.total_steps
-    seg_schedule = poly_schedule(opt.learning_rate, decay_steps, opt.poly_power)
+    seg_schedule = segmentation_schedule(config)
 
     def sgd(multiplier: float) -> optax.GradientTransformation:
         return optax.chain(
@@ -67,9 +66,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return optax.partition(transforms, param_labels(freeze))
 
 
-def segmentation_learning_rate(config: ml_collections.ConfigDict, step) -> float:
-    """The backbone learning rate used at optimizer step `step` (for logging)."""
+def segmentation_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """The backbone learning rate by optimizer step (heads: x `head_lr_multiplier`)."""
     opt = config.optimizer
-    return poly_schedule(opt.learning_rate, opt.decay_steps or config.total_steps, opt.poly_power)(
-        step
-    )
+    return poly_schedule(opt.learning_rate, opt.decay_steps or config.total_steps, opt.poly_power)

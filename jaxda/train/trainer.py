@@ -229,6 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     report = periodic_actions.ReportProgress(
         num_train_steps=config.total_steps, writer=writer, every_steps=config.log_every_steps
     )
+    learning_rate = optimizers.segmentation_schedule(config)
     history = [r for r in _load_eval_history(workdir) if r["step"] <= start_step]
     last_checkpoint = checkpointer.latest_step()
     window = collections.defaultdict(list)
@@ -255,9 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             report(step)
             if _is_step(step, config.log_every_steps, config.total_steps):
                 scalars = {f"train/{k}": float(np.mean(v)) for k, v in window.items()}
-                scalars["train/learning_rate"] = float(
-                    optimizers.segmentation_learning_rate(config, step - 1)
-                )
+                scalars["train/learning_rate"] = float(learning_rate(step - 1))
                 writer.write_scalars(step, scalars)
                 logging.info(
                     "step %d: %s", step, ", ".join(f"{k[6:]}={v:.4g}" for k, v in scalars.items())
