@@ -18,7 +18,8 @@ import time
 
 import numpy as np
 
-# Row name -> (title, `launch.main` flags).
+# Row name -> (title, `launch.main` flags). "{source_only}" stands for the source-only run of
+# the same seed, which test-time adaptation starts from.
 METHODS = {
     "source_only": ("Source only", ["--config=configs/source_only.py:synthetic"]),
     "adaptseg": ("AdaptSegNet (multi-level)", ["--config=configs/adaptseg.py:synthetic"]),
@@ -29,21 +30,42 @@ METHODS = {
         "AdaptSegNet with lambda_adv = 0 (ablation)",
         [
             "--config=configs/adaptseg.py:synthetic",
-            "--config.adaptseg.lambda_adv.main=0",
-            "--config.adaptseg.lambda_adv.aux=0",
+            "--config.adversarial.lambda_adv.main=0",
+            "--config.adversarial.lambda_adv.aux=0",
         ],
+    ),
+    "minent": ("MinEnt", ["--config=configs/minent.py:synthetic"]),
+    "advent": ("AdvEnt", ["--config=configs/advent.py:synthetic"]),
+    "maxsquare": ("MaxSquare", ["--config=configs/maxsquare.py:synthetic"]),
+    "maxsquare_iw": ("MaxSquare + IW", ["--config=configs/maxsquare.py:synthetic,iw"]),
+    "maxsquare_iw_multi": (
+        "MaxSquare + IW + multi-level guidance",
+        ["--config=configs/maxsquare.py:synthetic,iw,multi"],
+    ),
+    "tent": (
+        "TENT (online, from source only)",
+        ["--config=configs/tent.py:synthetic", "--config.init_from={source_only}"],
+    ),
+    "bn_adapt": (
+        "BN-adapt (TENT's norm, from source only)",
+        ["--config=configs/tent.py:synthetic,norm", "--config.init_from={source_only}"],
     ),
     "oracle": ("Oracle (target labels)", ["--config=configs/oracle.py:synthetic"]),
 }
-DEFAULT_METHODS = "source_only,adaptseg,adaptseg_no_adv,oracle"
+DEFAULT_METHODS = ",".join(METHODS)
 
 
 def run_one(method: str, seed: int, workdir: str, extra: list[str]) -> dict:
     run_dir = os.path.join(workdir, method, f"seed{seed}")
     results_file = os.path.join(run_dir, "results.json")
     if not os.path.exists(results_file):
+        flags = METHODS[method][1]
+        if any("{source_only}" in flag for flag in flags):
+            run_one("source_only", seed, workdir, extra)
+        source_only = os.path.join(workdir, "source_only", f"seed{seed}")
         command = [
-            sys.executable, "-m", "launch.main", *METHODS[method][1],
+            sys.executable, "-m", "launch.main",
+            *(flag.format(source_only=source_only) for flag in flags),
             f"--workdir={run_dir}", f"--config.seed={seed}", *extra,
         ]  # fmt: skip
         print("running:", " ".join(command), flush=True)

@@ -17,11 +17,9 @@ inside the loop; `--config.model.num_aspp_branches=4` gives the fixed head), BN 
 mode with frozen affine, lambda_adv 0.0002 (aux) / 0.001 (main), poly over 250k steps stopped
 at 150k. On the synthetic benchmark lambda_adv is 0.01 (main) / 0.002 (aux): the published
 weights are tuned for DeepLabV2 over 150k steps and barely move a small network in 600 steps
-(set `--config.adaptseg.lambda_adv.main=0.001 --config.adaptseg.lambda_adv.aux=0.0002` for
+(set `--config.adversarial.lambda_adv.main=0.001 --config.adversarial.lambda_adv.aux=0.0002` for
 the published ones).
 """
-
-import ml_collections
 
 from configs import common
 
@@ -30,18 +28,16 @@ def get_config(arg=None):
     args = common.parse_arg(arg, synthetic=False, source="gta5", single=False, ls=False)
     config = common.base_config()
     config.method = "adaptseg"
-    config.adaptseg = ml_collections.ConfigDict(
-        {"lambda_adv": {"main": 0.001, "aux": 0.0002}, "gan": "bce"}
-    )
+    config.adversarial = common.adversarial_block(0.001, 0.0002)
     common.select_data(config, args)
     if args.synthetic:
-        config.adaptseg.lambda_adv = {"main": 0.01, "aux": 0.002}
+        config.adversarial.lambda_adv = {"main": 0.01, "aux": 0.002}
     if args.single:
         # AdaptSegNet's single-level setting: main head only, no aux CE.
         config.model.multi_level = False
         config.loss.lambda_seg_aux = 0.0
     if args.ls:
-        config.adaptseg.gan = "ls"
+        config.adversarial.gan = "ls"
         if args.single and not args.synthetic:
-            config.adaptseg.lambda_adv.main = 0.01  # The README's single-level LS-GAN value.
+            config.adversarial.lambda_adv.main = 0.01  # The README's single-level LS-GAN value.
     return config

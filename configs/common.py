@@ -119,6 +119,8 @@ def base_config() -> ml_collections.ConfigDict:
             "weight_decay": 5e-4,
             "poly_power": 0.9,
             "decay_steps": 250_000,  # Poly horizon; AdaptSegNet stops at 150k of 250k.
+            # Regexes over '/'-joined segmentation parameter paths that get no update.
+            "freeze": (),
         }
     )
     c.disc_optimizer = ml_collections.ConfigDict(
@@ -150,6 +152,9 @@ def base_config() -> ml_collections.ConfigDict:
             "step": config_dict.placeholder(int),  # --mode=eval: None = latest checkpoint.
             "classes": (),  # Train ids averaged into mIoU; () = all num_classes.
             "class_subsets": {},  # Extra named mIoUs, e.g. {'13': (...)} for SYNTHIA.
+            # --mode=eval: 'WORKDIR:WEIGHT' entries; their latest checkpoints' upsampled logits
+            # are averaged with these weights (ADVENT's AdvEnt + MinEnt 0.5/0.5 ensemble).
+            "ensemble": (),
         }
     )
     return c
@@ -168,6 +173,13 @@ def select_data(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict) -
         use_synthetic(c)
     elif args.source == "synthia":
         use_synthia(c)
+
+
+def adversarial_block(lambda_main: float, lambda_aux: float) -> ml_collections.ConfigDict:
+    """config.adversarial: the output-space GAN of AdaptSegNet and AdvEnt."""
+    return ml_collections.ConfigDict(
+        {"lambda_adv": {"main": lambda_main, "aux": lambda_aux}, "gan": "bce"}  # or "ls"
+    )
 
 
 def use_synthia(c: ml_collections.ConfigDict) -> None:

@@ -16,6 +16,8 @@ from absl import logging
 from etils import epath
 
 CHECKPOINT_SUBDIR = "checkpoints"
+# Model settings that change how a network trains, not what its parameters mean.
+TRAINING_ONLY_MODEL_KEYS = frozenset({"bn_mode"})
 
 
 class CheckpointMismatchError(ValueError):
@@ -33,7 +35,7 @@ def check_model_meta(meta: dict, model_config: dict, where: str) -> None:
         return
     differ = {
         k: (saved.get(k), model_config.get(k))
-        for k in sorted(set(saved) | set(model_config))
+        for k in sorted(set(saved) | set(model_config) - TRAINING_ONLY_MODEL_KEYS)
         if saved.get(k) != model_config.get(k)
     }
     if differ:

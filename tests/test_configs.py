@@ -32,7 +32,7 @@ def test_config_builds(module, arg):
 
 def test_published_adaptseg_values():
     config = adaptseg.get_config()
-    assert config.adaptseg.lambda_adv.to_dict() == {"main": 0.001, "aux": 0.0002}
+    assert config.adversarial.lambda_adv.to_dict() == {"main": 0.001, "aux": 0.0002}
     assert (config.optimizer.learning_rate, config.disc_optimizer.learning_rate) == (2.5e-4, 1e-4)
     assert (config.total_steps, config.optimizer.decay_steps) == (150_000, 250_000)
     assert config.data.source.size == (720, 1280) and config.data.eval.size == (512, 1024)
@@ -79,7 +79,7 @@ def test_unknown_command_line_key_is_an_error(tmp_path):
             "launch.main",
             "--config=configs/adaptseg.py:synthetic",
             f"--workdir={tmp_path}",
-            "--config.adaptseg.lamda_adv=1",
+            "--config.adversarial.lamda_adv=1",
         ],
         capture_output=True,
         text=True,

@@ -53,18 +53,28 @@ class Evaluator:
         classes = self._config.eval.classes
         return list(classes) if classes else list(range(self._num_classes))
 
-    def _batch_confusion(self, variables, images, labels):
-        outputs = self._model.apply(variables, images, train=False)
-        if self._head not in outputs:
-            raise ValueError(
-                f"config.eval.head={self._head!r} but the model has heads {sorted(outputs)}"
-            )
-        logits = resize_bilinear_align_corners(outputs[self._head], labels.shape[1:3])
+    def _batch_confusion(self, members, weights, images, labels):
+        """Confusion of argmax(sum_i weights[i] * upsampled logits of members[i])."""
+        logits = 0.0
+        for variables, weight in zip(members, weights, strict=True):
+            outputs = self._model.apply(variables, images, train=False)
+            if self._head not in outputs:
+                raise ValueError(
+                    f"config.eval.head={self._head!r} but the model has heads {sorted(outputs)}"
+                )
+            up = resize_bilinear_align_corners(outputs[self._head], labels.shape[1:3])
+            logits = logits + weight * up
         predictions = jnp.argmax(logits, axis=-1)
         return metrics.confusion_matrix(labels, predictions, self._num_classes)
 
-    def confusion(self, variables) -> tuple[np.ndarray, int]:
-        """(int64 [C, C] confusion over the whole split, number of examples)."""
+    def confusion(self, variables, weights=None) -> tuple[np.ndarray, int]:
+        """(int64 [C, C] confusion over the whole split, number of examples).
+
+        `variables` is one network's variables, or a list of several whose upsampled logits
+        are averaged with `weights` (ADVENT's logit ensemble).
+        """
+        members = list(variables) if isinstance(variables, list | tuple) else [variables]
+        weights = jnp.asarray([1.0] * len(members) if weights is None else weights, jnp.float32)
         eval_config = self._config.data.eval
         num_examples, batches = input_pipeline.eval_iterator(
             self._reader, eval_config, self._config.data, global_batch_size=eval_config.batch_size
@@ -73,15 +83,18 @@ class Evaluator:
         for local_batch in batches:
             batch = mesh_lib.to_global(local_batch, self._mesh)
             total += np.asarray(
-                jax.device_get(self._confusion_fn(variables, batch["image"], batch["label"])),
+                jax.device_get(
+                    self._confusion_fn(members, weights, batch["image"], batch["label"])
+                ),
                 np.int64,
             )
         return total, num_examples
 
-    def run(self, variables, step: int) -> dict:
-        """Evaluates `variables`; returns JSON-able results with step, mIoU (%), per-class IoU."""
+    def run(self, variables, step: int, weights=None) -> dict:
+        """Evaluates `variables` (see `confusion`); returns JSON-able results with step, mIoU
+        (%), per-class IoU and the protocol."""
         start = time.time()
-        confusion, num_examples = self.confusion(variables)
+        confusion, num_examples = self.confusion(variables, weights)
         names = labels_lib.CITYSCAPES_CLASSES[: self._num_classes]
         results = metrics.summarize(
             confusion,

@@ -26,6 +26,29 @@ def forward(model, seg_params, batch_stats, images, *, train: bool):
     return model.apply(variables, images, train=False), batch_stats
 
 
+def forward_domains(model, seg_params, batch_stats, batch):
+    """Source then target through the network in training mode, upsampled as the methods do.
+
+    Both domains pass through the same BN layers in order, as in the PyTorch loops: with batch
+    statistics each is normalised by its own batch and both update the running averages.
+    Source logits go to the label size, target logits to the input size (AdaptSegNet, ADVENT,
+    MaxSquare all do this).
+
+    Returns:
+      ({head: [N, H, W, C] source logits}, {head: target logits}, new batch_stats).
+    """
+    source, target = batch["source"], batch["target"]
+    source_out, batch_stats = forward(model, seg_params, batch_stats, source["image"], train=True)
+    target_out, batch_stats = forward(model, seg_params, batch_stats, target["image"], train=True)
+    source_up = upsample(source_out, source["label"].shape[1:3])
+    return source_up, upsample(target_out, target["image"].shape[1:3]), batch_stats
+
+
+def source_head_weights(config) -> dict[str, float]:
+    """CE weight per head on labelled data: 1 for main, `loss.lambda_seg_aux` for aux."""
+    return {"main": 1.0, "aux": config.loss.lambda_seg_aux}
+
+
 def upsample(outputs: Mapping[str, jax.Array], size: tuple[int, int]) -> dict[str, jax.Array]:
     """Upsamples every head's logits to `size` (align_corners=True, as the methods do)."""
     return {head: resize_bilinear_align_corners(x, size) for head, x in outputs.items()}
@@ -85,11 +108,6 @@ def discriminator_loss(
         metrics[f"loss_disc_{head}"] = loss
         total = total + loss
     return total, metrics
-
-
-def softmax_maps(logits: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """{head: softmax over classes}: the output-space discriminator input of AdaptSegNet."""
-    return {head: jax.nn.softmax(x, axis=-1) for head, x in logits.items()}
 
 
 def apply_gradients(

@@ -5,7 +5,8 @@ learn 10x faster; frozen BN affine parameters get no update and no weight decay 
 leaves them out of the optimizer). Discriminators: Adam with the same poly decay.
 """
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
@@ -23,18 +24,24 @@ def _path_names(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", k)) for k in path)
 
 
-def param_labels(freeze_bn_affine: bool) -> Callable[[dict], dict]:
+def param_labels(freeze_bn_affine: bool, freeze: Sequence[str] = ()) -> Callable[[dict], dict]:
     """Labels each parameter 'backbone', 'head', 'frozen' or 'disc' (optax.partition).
 
     Heads are the top-level modules of the segmentation network whose name starts with 'head'.
+    `freeze` holds regular expressions matched against the '/'-joined path of a segmentation
+    parameter (e.g. 'backbone/bn1/.*': MaxSquare freezes only the stem BN).
     """
+    patterns = [re.compile(p) for p in freeze]
 
     def label(path, _):
         names = _path_names(path)
         if names[0] == "disc":
             return "disc"
         seg_path = names[1:]
-        if freeze_bn_affine and layers.is_batch_norm_param(seg_path):
+        joined = "/".join(seg_path)
+        if (freeze_bn_affine and layers.is_batch_norm_param(seg_path)) or any(
+            p.fullmatch(joined) for p in patterns
+        ):
             return "frozen"
         return "head" if seg_path[0].startswith("head") else "backbone"
 
@@ -63,7 +70,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
         "disc": optax.adam(disc_schedule, b1=dopt.beta1, b2=dopt.beta2),
     }
     freeze = config.model.bn_mode in ("batch_stats", "frozen")
-    return optax.partition(transforms, param_labels(freeze))
+    return optax.partition(transforms, param_labels(freeze, opt.freeze))
 
 
 def segmentation_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:

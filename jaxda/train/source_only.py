@@ -10,14 +10,13 @@ def train_step(state, batch, *, model, discriminator, tx, config):
     """One SGD step on `batch['source']` ({'image': [N, H, W, 3], 'label': [N, H, W]})."""
     del discriminator  # Not used by this method.
     images, labels = batch["source"]["image"], batch["source"]["label"]
-    head_weights = {"main": 1.0, "aux": config.loss.lambda_seg_aux}
 
     def loss_fn(seg_params):
         outputs, batch_stats = common.forward(
             model, seg_params, state.batch_stats, images, train=True
         )
         loss, metrics = common.supervised_loss(
-            common.upsample(outputs, labels.shape[1:3]), labels, head_weights
+            common.upsample(outputs, labels.shape[1:3]), labels, common.source_head_weights(config)
         )
         return loss, (batch_stats, metrics)
 

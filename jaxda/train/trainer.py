@@ -189,6 +189,9 @@ def _initial_state(config, setup: Setup, checkpointer):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains `config.method`, evaluating and checkpointing periodically; returns the summary."""
+    method = methods.get(config.method)
+    if method.run is not None:  # Test-time adaptation: a loop of its own.
+        return method.run(config, workdir)
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh_lib.make_mesh(config.num_devices or None)
     mesh_lib.check_batch_size(config.batch_size, mesh)

@@ -49,7 +49,7 @@ def _paths(tree):
 def test_discriminator_loss_moves_only_discriminators():
     # No labelled pixel (CE = 0), no adversarial term, no weight decay: only D losses remain.
     config = tiny_config(**{"optimizer.weight_decay": 0.0})
-    config.adaptseg.lambda_adv = {"main": 0.0, "aux": 0.0}
+    config.adversarial.lambda_adv = {"main": 0.0, "aux": 0.0}
     before, after, history = _run(config, [_batch(config, ignore_labels=True)])
     seg_moved = _paths(_changed(before.params["seg"], after.params["seg"]))
     assert not any(seg_moved.values())
@@ -71,7 +71,7 @@ def test_adversarial_loss_moves_only_segmentation():
     # The discriminators' update does not depend on the adversarial weight.
     config.disc_optimizer.learning_rate = 1e-4
     _, with_adv, _ = _run(config, batches)
-    config.adaptseg.lambda_adv = {"main": 0.0, "aux": 0.0}
+    config.adversarial.lambda_adv = {"main": 0.0, "aux": 0.0}
     _, without_adv, _ = _run(config, batches)
     for a, b in zip(
         jax.tree.leaves(with_adv.params["disc"]),
@@ -142,7 +142,7 @@ def test_adaptseg_losses_match_an_independent_computation():
     from jaxda.models.layers import resize_bilinear_align_corners
 
     config = tiny_config()
-    config.adaptseg.lambda_adv = {"main": 0.3, "aux": 0.05}
+    config.adversarial.lambda_adv = {"main": 0.3, "aux": 0.05}
     batch = _batch(config)
     mesh = mesh_lib.make_mesh(1)
     setup = trainer.build(config, mesh)

@@ -1,0 +1,73 @@
+"""Output-space adversarial adaptation: AdaptSegNet (Tsai et al., CVPR 2018) and AdvEnt
+(Vu et al., CVPR 2019), which differ only in what the discriminators see.
+
+One step reproduces the PyTorch iteration (methods.md sections 1 and 2): source CE; the
+adversarial loss of the target predictions through the frozen discriminators, with the
+"source" label; the discriminators trained on the detached inputs of both domains; then all
+optimizers step, every gradient taken at the parameters of the start of the step.
+"""
+
+import jax
+
+from jaxda.losses import entropy
+from jaxda.train import common
+
+# What a discriminator sees, from [N, H, W, C] upsampled logits.
+DISCRIMINATOR_INPUTS = {
+    # AdaptSegNet: the softmax.
+    "softmax": lambda logits: jax.nn.softmax(logits, axis=-1),
+    # AdvEnt: the C-channel weighted self-information map of the softmax.
+    "self_information": lambda logits: entropy.weighted_self_information(
+        jax.nn.softmax(logits, axis=-1)
+    ),
+}
+
+
+def discriminator_heads(config) -> tuple[str, ...]:
+    """Heads with an output-space discriminator: main, plus aux for multi-level models."""
+    return ("main", "aux") if config.model.multi_level else ("main",)
+
+
+def make_train_step(discriminator_input: str):
+    """The adversarial train step whose discriminators see `DISCRIMINATOR_INPUTS[...]`."""
+    to_input = DISCRIMINATOR_INPUTS[discriminator_input]
+
+    def train_step(state, batch, *, model, discriminator, tx, config):
+        """One iteration on {'source': {image, label}, 'target': {image}}."""
+        labels = batch["source"]["label"]
+        heads = discriminator_heads(config)
+        adv_weights = {head: config.adversarial.lambda_adv[head] for head in heads}
+        gan = config.adversarial.gan
+
+        def loss_fn(seg_params):
+            source_up, target_up, batch_stats = common.forward_domains(
+                model, seg_params, state.batch_stats, batch
+            )
+            source_inputs = {h: to_input(source_up[h]) for h in heads}
+            target_inputs = {h: to_input(target_up[h]) for h in heads}
+            seg_loss, metrics = common.supervised_loss(
+                source_up, labels, common.source_head_weights(config)
+            )
+            adv_loss, adv_metrics = common.generator_adversarial_loss(
+                discriminator, state.params["disc"], target_inputs, adv_weights, gan
+            )
+            aux = (batch_stats, source_inputs, target_inputs, {**metrics, **adv_metrics})
+            return seg_loss + adv_loss, aux
+
+        (loss, (batch_stats, source_inputs, target_inputs, metrics)), seg_grads = (
+            jax.value_and_grad(loss_fn, has_aux=True)(state.params["seg"])
+        )
+
+        def disc_loss_fn(disc_params):
+            return common.discriminator_loss(
+                discriminator, disc_params, source_inputs, target_inputs, gan
+            )
+
+        (disc_loss, disc_metrics), disc_grads = jax.value_and_grad(disc_loss_fn, has_aux=True)(
+            state.params["disc"]
+        )
+        grads = {"seg": seg_grads, "disc": disc_grads}
+        metrics = {"loss": loss + disc_loss, "loss_generator": loss, **metrics, **disc_metrics}
+        return common.apply_gradients(state, grads, batch_stats, tx), metrics
+
+    return train_step
