@@ -28,7 +28,7 @@ def get_config(arg=None):
     config.method = "bn_adapt" if args.norm else "tent"
     config.tent = ml_collections.ConfigDict(
         {
-            "update": not args.norm,  # False: batch statistics only (BN-adapt).
+            "update_bn_affine": not args.norm,  # False: batch statistics only (BN-adapt).
             "learning_rate": 1e-3,
             "beta1": 0.9,
             "beta2": 0.999,

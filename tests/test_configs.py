@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from configs import adaptseg, common, oracle, source_only
+from configs import adaptseg, advent, common, maxsquare, minent, oracle, source_only, tent
 from jaxda import mesh as mesh_lib
 from jaxda.data import sources
 from jaxda.train import trainer
@@ -17,12 +17,20 @@ VARIANTS = {
         "", "synthetic", "single", "ls", "single,ls", "synthetic,single,ls", "source=synthia",
         "source=synthia,single",
     ],
+    advent: ["", "synthetic", "source=synthia"],
+    minent: ["", "synthetic"],
+    maxsquare: ["", "iw", "multi", "iw,multi", "synthetic", "synthetic,iw,multi"],
+    tent: ["", "norm", "episodic", "synthetic", "synthetic,norm"],
 }  # fmt: skip
 
 
 @pytest.mark.parametrize(("module", "arg"), [(m, a) for m, args in VARIANTS.items() for a in args])
 def test_config_builds(module, arg):
     config = module.get_config(arg)
+    if module is tent:  # Test-time adaptation: no train state, a loop of its own.
+        assert trainer.methods.get(config.method).run is not None
+        assert config.tent.update_bn_affine == ("norm" not in arg)
+        return
     setup = trainer.build(config, mesh_lib.make_mesh(1))
     heads = setup.method.discriminator_heads(config)
     assert set(setup.abstract_state.params["disc"]) == set(heads)

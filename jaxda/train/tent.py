@@ -67,7 +67,7 @@ def adapt_step(params, opt_state, batch_stats, images, labels, *, model, tx, con
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     predictions = jnp.argmax(resize_bilinear_align_corners(logits, labels.shape[1:3]), axis=-1)
     confusion = metrics.confusion_matrix(labels, predictions, config.num_classes)
-    if config.tent.update:
+    if config.tent.update_bn_affine:
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
     return params, opt_state, confusion, loss
@@ -137,7 +137,7 @@ def adapt_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             **evaluator.protocol,
             "online": "each batch predicted with its own BN statistics, scored, then adapted",
             "batch_size": config.batch_size,
-            "updates": "BN scale/offset, Adam" if config.tent.update else "none (norm)",
+            "updates": "BN scale/offset, Adam" if config.tent.update_bn_affine else "none (norm)",
             "episodic": bool(config.tent.episodic),
         },
     )

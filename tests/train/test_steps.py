@@ -137,11 +137,23 @@ def _numpy_bce(logits, target):
     return float(-np.mean(target * np.log(p) + (1 - target) * np.log(1 - p)))
 
 
-def test_adaptseg_losses_match_an_independent_computation():
-    """The step's reported losses, recomputed from separate forward passes and NumPy."""
+def _numpy_self_information(p):
+    """ADVENT's prob_2_entropy in NumPy: -p log2(p + 1e-30) / log2(C), per channel."""
+    return (-p * np.log2(p + 1e-30) / np.log2(p.shape[-1])).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("method", "disc_input"),
+    [("adaptseg", lambda p: p), ("advent", _numpy_self_information)],
+    ids=["adaptseg_softmax", "advent_self_information"],
+)
+def test_adversarial_losses_match_an_independent_computation(method, disc_input):
+    """The step's reported losses, recomputed from separate forward passes and NumPy: the
+    discriminators see the softmax (AdaptSegNet) or its C-channel self-information (AdvEnt)."""
     from jaxda.models.layers import resize_bilinear_align_corners
 
     config = tiny_config()
+    config.method = method
     config.adversarial.lambda_adv = {"main": 0.3, "aux": 0.05}
     batch = _batch(config)
     mesh = mesh_lib.make_mesh(1)
@@ -163,8 +175,9 @@ def test_adaptseg_losses_match_an_independent_computation():
     for head in ("main", "aux"):
         log_p = _numpy_log_softmax(source[head])
         expected[f"loss_seg_{head}"] = -np.take_along_axis(log_p, labels[..., None], -1).mean()
-        p_source = np.exp(_numpy_log_softmax(source[head])).astype(np.float32)
-        p_target = np.exp(_numpy_log_softmax(target[head])).astype(np.float32)
+        p_source = disc_input(np.exp(_numpy_log_softmax(source[head])).astype(np.float32))
+        p_target = disc_input(np.exp(_numpy_log_softmax(target[head])).astype(np.float32))
+        assert p_target.shape[-1] == config.num_classes  # C-channel maps in both methods.
         expected[f"loss_adv_{head}"] = _numpy_bce(d_logits(head, p_target), 0.0)
         expected[f"loss_disc_{head}"] = 0.5 * _numpy_bce(
             d_logits(head, p_source), 0.0
