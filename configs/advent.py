@@ -21,10 +21,7 @@ from configs import common
 
 def get_config(arg=None):
     args = common.parse_arg(arg, synthetic=False, source="gta5")
-    config = common.base_config()
-    config.method = "advent"
-    config.total_steps = 120_000
-    config.model.num_aspp_branches = 4
+    config = common.advent_config("advent")
     config.adversarial = common.adversarial_block(0.001, 0.0002)
     common.select_data(config, args)
     if args.synthetic:

@@ -175,6 +175,16 @@ def select_data(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict) -
         use_synthia(c)
 
 
+def advent_config(method: str) -> ml_collections.ConfigDict:
+    """ADVENT's config.py values over the base: 120k steps (its EARLY_STOP) of the 250k poly
+    schedule, and all four ASPP branches (ADVENT's summation loop is fixed)."""
+    c = base_config()
+    c.method = method
+    c.total_steps = 120_000
+    c.model.num_aspp_branches = 4
+    return c
+
+
 def adversarial_block(lambda_main: float, lambda_aux: float) -> ml_collections.ConfigDict:
     """config.adversarial: the output-space GAN of AdaptSegNet and AdvEnt."""
     return ml_collections.ConfigDict(
