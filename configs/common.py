@@ -155,6 +155,24 @@ def base_config() -> ml_collections.ConfigDict:
             # --mode=eval: 'WORKDIR:WEIGHT' entries; their latest checkpoints' upsampled logits
             # are averaged with these weights (ADVENT's AdvEnt + MinEnt 0.5/0.5 ensemble).
             "ensemble": (),
+            # Inference (jaxda/evaluation/inference.py), in --mode=eval, --mode=predict and the
+            # evaluations during training: 'whole' (the protocol: one pass on the input at
+            # data.eval.size, logits upsampled to the labels), 'slide' or 'multiscale'.
+            "mode": "whole",
+            # 'slide': (height, width) windows over the network input every (height, width)
+            # stride; the last windows align to the bottom/right edge; softmax averaged.
+            "slide_window": (512, 512),
+            "slide_stride": (341, 341),
+            # 'multiscale': input size multipliers; `flip` adds each scale's horizontally
+            # flipped pass (flipped back); softmax averaged over all passes. MaxSquare's --flip
+            # evaluation is scales=(1.0,), flip=True.
+            "scales": (0.75, 1.0, 1.25, 1.5),
+            "flip": False,
+            # Training: the first N validation examples (input | prediction | ground truth)
+            # are written to TensorBoard at every evaluation; 0 = none.
+            "num_visuals": 4,
+            # --mode=predict: weight of the colour map in <name>_overlay.png.
+            "overlay_alpha": 0.5,
         }
     )
     return c
@@ -234,6 +252,8 @@ def use_synthetic(c: ml_collections.ConfigDict) -> None:
     c.data.eval = domain(SYNTHETIC_DATASET, "target_validation")
     c.data.eval.label_size = config_dict.placeholder(tuple)
     c.data.eval.batch_size = 50
+    c.eval.slide_window = (64, 64)  # Of the 64x128 input: windows at x = 0, 32, 64.
+    c.eval.slide_stride = (32, 32)
     # The benchmark's mIoU averages over the classes the generator draws, as SYNTHIA's
     # mIoU-16 averages over its 16 classes; the model still predicts all 19.
     c.eval.classes = synthetic.SCENE_CLASSES

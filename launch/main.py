@@ -1,7 +1,9 @@
-"""Command line: train (default) or evaluate a jaxda config.
+"""Command line: train (default), evaluate or predict with a jaxda config.
 
   python -m launch.main --config=configs/adaptseg.py:synthetic --workdir=/tmp/adaptseg
   python -m launch.main --config=configs/adaptseg.py:synthetic --workdir=/tmp/adaptseg --mode=eval
+  python -m launch.main --config=configs/adaptseg.py:synthetic --workdir=/tmp/adaptseg \
+      --mode=predict --input=IMAGES_DIR_OR_FILE --output=OUT_DIR [--save_logits]
 
 This file is intentionally short: all logic lives in the importable `jaxda` library.
 """
@@ -14,7 +16,15 @@ from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Config file (path[:args]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (resuming if possible) or evaluate.")
+flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "eval", "predict"],
+    "Train (resuming if possible), evaluate a checkpoint, or predict image files with it.",
+)
+flags.DEFINE_string("input", None, "--mode=predict: an image file or a directory of images.")
+flags.DEFINE_string("output", None, "--mode=predict: directory for the predictions.")
+flags.DEFINE_bool("save_logits", False, "--mode=predict: also write <name>_logits.npy.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -27,6 +37,8 @@ def _quiet_orbax(record) -> bool:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.mode == "predict" and not (FLAGS.input and FLAGS.output):
+        raise app.UsageError("--mode=predict needs --input=IMAGES_DIR_OR_FILE and --output=DIR")
     logging.get_absl_handler().addFilter(_quiet_orbax)
     if FLAGS.config.deterministic_gpu_ops:
         # Must be set before JAX starts: GPU reductions then run in a fixed order, so the same
@@ -39,6 +51,7 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")
     import jax
 
+    from jaxda.evaluation import predict
     from jaxda.evaluation import run as eval_run
     from jaxda.train import trainer
 
@@ -50,8 +63,12 @@ def main(argv):
     )
     if FLAGS.mode == "train":
         trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    else:
+    elif FLAGS.mode == "eval":
         eval_run.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+    else:
+        predict.predict(
+            FLAGS.config, FLAGS.workdir, FLAGS.input, FLAGS.output, save_logits=FLAGS.save_logits
+        )
 
 
 if __name__ == "__main__":

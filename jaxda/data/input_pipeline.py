@@ -75,10 +75,25 @@ def make_normalizer(data_config: ml_collections.ConfigDict):
     return normalize
 
 
+def denormalize(images: np.ndarray, data_config: ml_collections.ConfigDict) -> np.ndarray:
+    """Inverse of `make_normalizer` on the host: normalised [..., 3] -> RGB uint8."""
+    std = np.asarray(data_config.image_std, np.float32)
+    images = np.asarray(images, np.float32) * std + np.asarray(data_config.image_mean, np.float32)
+    if data_config.bgr:
+        images = images[..., ::-1]
+    return np.clip(np.round(images), 0, 255).astype(np.uint8)
+
+
 @tf.function(jit_compile=True)
 def _round_to_uint8(image: tf.Tensor) -> tf.Tensor:
     """Float image -> uint8 as PIL would store a resized image (fused by XLA)."""
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def resize_image(image: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
+    """uint8 [H, W, 3] -> uint8 [size[0], size[1], 3], bicubic: how every stream resizes images
+    (the DeepLab-era loaders use PIL BICUBIC)."""
+    return _round_to_uint8(tf.image.resize(image, size, method="bicubic"))
 
 
 def _augment_options(domain_config: ml_collections.ConfigDict) -> dict | None:
@@ -142,9 +157,9 @@ def _decode_fn(
         label = tf.io.decode_png(example["label"], channels=1)
         base_size = tf.shape(label)[:2]
         if size and not random_scale:
-            # Images are resized with bicubic filtering (the DeepLab-era loaders use PIL
-            # BICUBIC); labels with nearest neighbour so that ids stay ids.
-            image = _round_to_uint8(tf.image.resize(image, size, method="bicubic"))
+            # Images are resized with bicubic filtering, labels with nearest neighbour so that
+            # ids stay ids.
+            image = resize_image(image, size)
         out_label_size = size if label_size is None else label_size
         if out_label_size and not random_scale:
             label = tf.image.resize(label, out_label_size, method="nearest")

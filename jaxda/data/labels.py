@@ -80,6 +80,10 @@ CITYSCAPES_LABEL_TO_TRAIN_ID = {
     33: 18,
 }
 
+# Train id -> Cityscapes label id (the inverse map): the ids of `*_labelIds.png` files that the
+# official cityscapesScripts evaluation reads.
+CITYSCAPES_TRAIN_ID_TO_LABEL_ID = {t: i for i, t in CITYSCAPES_LABEL_TO_TRAIN_ID.items()}
+
 
 # SYNTHIA (RAND-CITYSCAPES) class id -> train id (methods.md 9: MaxSquare, da-sac, RobustNet);
 # 0 void, 13 parking-slot, 14 road-work, 22 lane-marking and every other id -> ignore.
@@ -134,3 +138,11 @@ def colorize(train_ids: np.ndarray) -> np.ndarray:
     palette = np.zeros((256, 3), np.uint8)
     palette[:NUM_CLASSES] = CITYSCAPES_PALETTE
     return palette[train_ids]
+
+
+def train_ids_to_label_ids(train_ids: np.ndarray) -> np.ndarray:
+    """[...] train ids -> uint8 Cityscapes label ids (ignore and unknown -> 0, 'unlabeled')."""
+    table = np.zeros((256,), np.uint8)
+    for train_id, label_id in CITYSCAPES_TRAIN_ID_TO_LABEL_ID.items():
+        table[train_id] = label_id
+    return table[np.asarray(train_ids)]

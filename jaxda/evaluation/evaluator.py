@@ -3,6 +3,7 @@
 Runs without the trainer: it needs only a model, its variables and config.data / config.eval.
 """
 
+import collections
 import json
 import os
 import time
@@ -12,20 +13,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from jaxda import mesh as mesh_lib
 from jaxda.data import input_pipeline
 from jaxda.data import labels as labels_lib
-from jaxda.evaluation import metrics
-from jaxda.models.layers import resize_bilinear_align_corners
+from jaxda.evaluation import inference, metrics, visualize
 
 
 class Evaluator:
-    """Whole-image evaluation of one head, with logits upsampled to the label resolution.
+    """Evaluation of one head on the evaluation split, with the inference mode of
+    config.eval.mode (`inference`); predictions are made at the label resolution.
 
     Attributes:
-      protocol: what was measured (dataset, split, input and label sizes, head), recorded in
-        every result.
+      protocol: what was measured (dataset, split, input and label sizes, head, inference mode
+        and its settings), recorded in every result.
     """
 
     def __init__(self, model, config: ml_collections.ConfigDict, mesh):
@@ -37,7 +39,11 @@ class Evaluator:
         self._reader = input_pipeline.open_reader(eval_config, config.data)
         self._num_classes = config.num_classes
         self._head = config.eval.head
-        self._confusion_fn = jax.jit(self._batch_confusion, out_shardings=mesh_lib.replicated(mesh))
+        self._settings = inference.Settings.from_config(config.eval)
+        self._confusion_fn = jax.jit(
+            self._batch_confusion,
+            out_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)),
+        )
         self.protocol = {
             "dataset": eval_config.name,
             "split": eval_config.split,
@@ -45,6 +51,7 @@ class Evaluator:
             "label_size": list(eval_config.label_size) if eval_config.label_size else "original",
             "head": self._head,
             "upsampling": "bilinear, align_corners=True",
+            **self._settings.protocol(),
             "evaluated_classes": [labels_lib.CITYSCAPES_CLASSES[c] for c in self.evaluated_classes],
         }
 
@@ -54,24 +61,22 @@ class Evaluator:
         return list(classes) if classes else list(range(self._num_classes))
 
     def _batch_confusion(self, members, weights, images, labels):
-        """Confusion of argmax(sum_i weights[i] * upsampled logits of members[i])."""
-        logits = 0.0
-        for variables, weight in zip(members, weights, strict=True):
-            outputs = self._model.apply(variables, images, train=False)
-            if self._head not in outputs:
-                raise ValueError(
-                    f"config.eval.head={self._head!r} but the model has heads {sorted(outputs)}"
-                )
-            up = resize_bilinear_align_corners(outputs[self._head], labels.shape[1:3])
-            logits = logits + weight * up
-        predictions = jnp.argmax(logits, axis=-1)
-        return metrics.confusion_matrix(labels, predictions, self._num_classes)
+        """(confusion, uint8 predictions) of the mode's argmax at the label resolution; the
+        logits of each forward are sum_i weights[i] * logits of members[i]."""
+        apply_fn = inference.ensemble_apply_fn(self._model, members, weights, self._head)
+        scores = inference.scores(apply_fn, images, labels.shape[1:3], self._settings)
+        predictions = jnp.argmax(scores, axis=-1)
+        confusion = metrics.confusion_matrix(labels, predictions, self._num_classes)
+        return confusion, predictions.astype(jnp.uint8)
 
-    def confusion(self, variables, weights=None) -> tuple[np.ndarray, int]:
-        """(int64 [C, C] confusion over the whole split, number of examples).
+    def confusion(
+        self, variables, weights=None, num_visuals: int = 0
+    ) -> tuple[np.ndarray, int, dict[str, np.ndarray]]:
+        """(int64 [C, C] confusion over the whole split, number of examples, visuals).
 
-        `variables` is one network's variables, or a list of several whose upsampled logits
-        are averaged with `weights` (ADVENT's logit ensemble).
+        `variables` is one network's variables, or a list of several whose logits are averaged
+        with `weights` (ADVENT's logit ensemble). `visuals` holds the first `num_visuals`
+        examples as {'image', 'label', 'prediction'} (global, on the host), from the same pass.
         """
         members = list(variables) if isinstance(variables, list | tuple) else [variables]
         weights = jnp.asarray([1.0] * len(members) if weights is None else weights, jnp.float32)
@@ -79,22 +84,42 @@ class Evaluator:
         num_examples, batches = input_pipeline.eval_iterator(
             self._reader, eval_config, self._config.data, global_batch_size=eval_config.batch_size
         )
+        num_visuals = min(num_visuals, num_examples)
         total = np.zeros((self._num_classes, self._num_classes), np.int64)
+        visuals = collections.defaultdict(list)
+        collected = 0
         for local_batch in batches:
             batch = mesh_lib.to_global(local_batch, self._mesh)
-            total += np.asarray(
-                jax.device_get(
-                    self._confusion_fn(members, weights, batch["image"], batch["label"])
-                ),
-                np.int64,
+            confusion, predictions = self._confusion_fn(
+                members, weights, batch["image"], batch["label"]
             )
-        return total, num_examples
+            total += np.asarray(jax.device_get(confusion), np.int64)
+            if collected < num_visuals:
+                for key, value in (
+                    ("image", batch["image"]),
+                    ("label", batch["label"]),
+                    ("prediction", predictions),
+                ):
+                    visuals[key].append(multihost_utils.process_allgather(value, tiled=True))
+                collected += len(visuals["image"][-1])
+        visuals = {k: np.concatenate(v)[:num_visuals] for k, v in visuals.items()}
+        return total, num_examples, visuals
 
     def run(self, variables, step: int, weights=None) -> dict:
         """Evaluates `variables` (see `confusion`); returns JSON-able results with step, mIoU
         (%), per-class IoU and the protocol."""
+        return self.run_with_visuals(variables, step, weights, num_visuals=0)[0]
+
+    def run_with_visuals(
+        self, variables, step: int, weights=None, num_visuals: int | None = None
+    ) -> tuple[dict, dict[str, np.ndarray]]:
+        """(`run`'s results, {'eval/predictions': uint8 [n, H, 3W, 3]}: input | prediction |
+        ground truth of the first `num_visuals` (config.eval.num_visuals when None) examples,
+        in Cityscapes colours; {} for none)."""
+        if num_visuals is None:
+            num_visuals = self._config.eval.num_visuals
         start = time.time()
-        confusion, num_examples = self.confusion(variables, weights)
+        confusion, num_examples, examples = self.confusion(variables, weights, num_visuals)
         names = labels_lib.CITYSCAPES_CLASSES[: self._num_classes]
         results = metrics.summarize(
             confusion,
@@ -111,7 +136,12 @@ class Evaluator:
         logging.info(
             "Evaluated step %d on %d examples: mIoU %.2f", step, num_examples, results["miou"]
         )
-        return results
+        images = {}
+        if examples:
+            images["eval/predictions"] = visualize.panels(
+                examples["image"], examples["prediction"], examples["label"], self._config.data
+            )
+        return results, images
 
 
 def write_results(results: dict, path: str) -> None:

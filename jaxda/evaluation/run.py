@@ -1,7 +1,9 @@
 """Evaluate a saved checkpoint (`--mode=eval`): restore with orbax, evaluate, report."""
 
+import dataclasses
 import json
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -10,14 +12,25 @@ import ml_collections
 from jaxda import checkpoints, models
 from jaxda import mesh as mesh_lib
 from jaxda.evaluation import evaluator as evaluator_lib
-from jaxda.evaluation import metrics
+from jaxda.evaluation import inference, metrics
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Evaluates the checkpoint of step `config.eval.step` (latest when None) in `workdir`,
-    or, with `config.eval.ensemble` ('WORKDIR:WEIGHT' entries), the weighted logit average of
-    the latest checkpoints of those workdirs; results go to `workdir/eval/`."""
-    mesh = mesh_lib.make_mesh(config.num_devices or None)
+@dataclasses.dataclass(frozen=True)
+class Networks:
+    """Restored networks: one checkpoint, or the members of a logit ensemble."""
+
+    model: Any
+    members: list  # Variables of each network, replicated over the mesh.
+    weights: list[float]
+    step_dirs: list[str]
+    step: int  # The checkpoint's step; 0 for an ensemble.
+    is_ensemble: bool
+
+
+def restore_networks(config: ml_collections.ConfigDict, workdir: str, mesh) -> Networks:
+    """The checkpoint of step `config.eval.step` (latest when None) in `workdir`, or, with
+    `config.eval.ensemble` ('WORKDIR:WEIGHT' entries), the latest checkpoints of those
+    workdirs with their weights; variables replicated over `mesh`."""
     model = models.build_segmenter(config.model, config.num_classes)
     abstract = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
@@ -27,29 +40,45 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
     )
     model_config = json.loads(config.model.to_json())
-    if config.eval.ensemble:
-        members, weights, dirs = [], [], []
-        for entry in config.eval.ensemble:
-            path, _, weight = entry.rpartition(":")
-            if not path:
-                raise ValueError(f"config.eval.ensemble entry {entry!r} must be 'WORKDIR:WEIGHT'")
-            step_dir = checkpoints.find_step_dir(path)
-            variables, _ = checkpoints.restore_model_variables(step_dir, abstract, model_config)
-            members.append(variables)
-            weights.append(float(weight))
-            dirs.append(str(step_dir))
-        results = evaluator_lib.Evaluator(model, config, mesh).run(members, 0, weights)
-        results["ensemble"] = [
-            {"checkpoint": d, "weight": w} for d, w in zip(dirs, weights, strict=True)
-        ]
-        name, title = "eval_mode_ensemble.json", "Target mIoU of the logit ensemble:"
-    else:
+    if not config.eval.ensemble:
         step_dir = checkpoints.find_step_dir(workdir, config.eval.step)
         variables, meta = checkpoints.restore_model_variables(step_dir, abstract, model_config)
         step = int(meta.get("step", step_dir.name if step_dir.name.isdigit() else 0))
-        results = evaluator_lib.Evaluator(model, config, mesh).run(variables, step)
-        results["checkpoint"] = str(step_dir)
-        name = f"eval_mode_step_{step:07d}.json"
+        return Networks(model, [variables], [1.0], [str(step_dir)], step, is_ensemble=False)
+    members, weights, dirs = [], [], []
+    for entry in config.eval.ensemble:
+        path, _, weight = entry.rpartition(":")
+        if not path:
+            raise ValueError(f"config.eval.ensemble entry {entry!r} must be 'WORKDIR:WEIGHT'")
+        step_dir = checkpoints.find_step_dir(path)
+        variables, _ = checkpoints.restore_model_variables(step_dir, abstract, model_config)
+        members.append(variables)
+        weights.append(float(weight))
+        dirs.append(str(step_dir))
+    return Networks(model, members, weights, dirs, 0, is_ensemble=True)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Evaluates the networks of `restore_networks` with config.eval.mode; results go to
+    `workdir/eval/eval_mode_{step_NNNNNNN|ensemble}[_MODE].json` (no suffix for 'whole')."""
+    inference.Settings.from_config(config.eval)  # Wrong settings fail before the restore.
+    mesh = mesh_lib.make_mesh(config.num_devices or None)
+    networks = restore_networks(config, workdir, mesh)
+    evaluator = evaluator_lib.Evaluator(networks.model, config, mesh)
+    # Other inference modes get their own file next to the protocol's 'whole' one.
+    suffix = "" if config.eval.mode == "whole" else f"_{config.eval.mode}"
+    if networks.is_ensemble:
+        results = evaluator.run(networks.members, 0, networks.weights)
+        results["ensemble"] = [
+            {"checkpoint": d, "weight": w}
+            for d, w in zip(networks.step_dirs, networks.weights, strict=True)
+        ]
+        name, title = f"eval_mode_ensemble{suffix}.json", "Target mIoU of the logit ensemble:"
+    else:
+        step = networks.step
+        results = evaluator.run(networks.members[0], step)
+        results["checkpoint"] = networks.step_dirs[0]
+        name = f"eval_mode_step_{step:07d}{suffix}.json"
         title = f"Target mIoU of the checkpoint of step {step}:"
     evaluator_lib.write_results(results, os.path.join(workdir, "eval", name))
     print(metrics.format_table(results, title))

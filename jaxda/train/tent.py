@@ -81,6 +81,11 @@ def adapt_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "TENT and BN-adapt adapt a trained network: pass --config.init_from=WORKDIR (e.g. a "
             "configs/source_only.py run with the same model settings)."
         )
+    if config.eval.mode != "whole":
+        raise ValueError(
+            f"config.eval.mode={config.eval.mode!r}: TENT and BN-adapt predict (and adapt on) "
+            "whole-image passes; use config.eval.mode='whole'"
+        )
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh_lib.make_mesh(config.num_devices or None)
     mesh_lib.check_batch_size(config.batch_size, mesh)

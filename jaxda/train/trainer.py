@@ -71,6 +71,15 @@ def _write_eval(writer, results: dict, workdir: str) -> None:
     writer.write_scalars(step, scalars)
 
 
+def _evaluate(evaluator, writer, variables, step: int, workdir: str) -> dict:
+    """Evaluates, writes the results (JSON, scalars) and the prediction images; returns them."""
+    results, images = evaluator.run_with_visuals(variables, step)
+    _write_eval(writer, results, workdir)
+    if images:
+        writer.write_images(step, images)
+    return results
+
+
 def summarize_run(history: list[dict], total_steps: int) -> dict:
     """Final-checkpoint results and, separately labelled, the best evaluation on the val split."""
     final = next((r for r in history if r["step"] == total_steps), None)
@@ -274,9 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 checkpointer.save(step, state.checkpoint_items(), meta)
                 last_checkpoint = step
             if _is_step(step, config.eval_every_steps, config.total_steps):
-                results = evaluator.run(state.model_variables(), step)
-                _write_eval(writer, results, workdir)
-                history.append(results)
+                history.append(_evaluate(evaluator, writer, state.model_variables(), step, workdir))
     finally:
         checkpointer.wait()
         checkpointer.close()
@@ -284,9 +291,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     if not history or history[-1]["step"] != config.total_steps:
         # Resumed after the last step had already been trained: evaluate its checkpoint again.
-        results = evaluator.run(state.model_variables(), int(state.step))
-        _write_eval(writer, results, workdir)
-        history.append(results)
+        step = int(state.step)
+        history.append(_evaluate(evaluator, writer, state.model_variables(), step, workdir))
     writer.close()
     summary = {"method": config.method, **summarize_run(history, config.total_steps)}
     evaluator_lib.write_results(summary, os.path.join(workdir, RESULTS_FILE))
