@@ -8,8 +8,9 @@ Starts from a trained network (`init_from`, e.g. a configs/source_only.py run wi
 model settings) and adapts it online on the evaluation split: every BN normalises with the
 statistics of the current batch; for TENT only the BN scale and offset are trained, by one
 Adam step (lr 1e-3, betas 0.9/0.999, as the official cfgs/tent.yaml) per batch on the
-natural-log entropy averaged over N, H and W; each batch is scored with the prediction made
-before its update. `episodic` resets the parameters after every batch. The reported mIoU is
+natural-log entropy averaged over N, H and W of the head's stride-8 logits (not upsampled);
+each batch is scored with the prediction made before its update. `episodic` resets the
+parameters after every batch. The reported mIoU is
 the online one; the starting checkpoint's mIoU (running statistics, no adaptation) sits in
 the same results.json. The official code has no segmentation version (CIFAR-10-C only): the
 entropy is averaged over pixels too (the CIFAR code's `.mean(0)` would leave an [H, W] map),
