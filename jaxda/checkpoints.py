@@ -35,7 +35,7 @@ def check_model_meta(meta: dict, model_config: dict, where: str) -> None:
         return
     differ = {
         k: (saved.get(k), model_config.get(k))
-        for k in sorted(set(saved) | set(model_config) - TRAINING_ONLY_MODEL_KEYS)
+        for k in sorted((set(saved) | set(model_config)) - TRAINING_ONLY_MODEL_KEYS)
         if saved.get(k) != model_config.get(k)
     }
     if differ:
@@ -83,7 +83,16 @@ class Checkpointer:
         """(items, meta) at `step`, placed as the shapes/shardings of `abstract_items` say."""
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         meta = meta["meta"]
-        check_model_meta(meta, model_config, str(self.directory / str(step)))
+        step_dir = self.directory / str(step)
+        check_model_meta(meta, model_config, str(step_dir))
+        missing = [name for name in abstract_items if not (step_dir / name).exists()]
+        if missing:
+            raise CheckpointMismatchError(
+                f"The checkpoint in {step_dir} has no {missing} item: it holds only a network "
+                "(e.g. written by launch.convert), not a training state to resume. Start a "
+                "run from it with --config.init_from=" + str(self.directory.parent) + " and a "
+                "new --workdir, or evaluate it with --mode=eval."
+            )
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(

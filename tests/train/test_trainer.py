@@ -113,6 +113,16 @@ def test_init_from_and_model_mismatch(data_dir, tmp_path):
         trainer._initial_state(wider, trainer.build(wider, mesh), ckptr)
 
 
+def test_model_meta_check_ignores_training_only_keys():
+    saved = {"model": {"depth": 101, "width": 64, "bn_mode": "batch_stats"}}
+    # bn_mode changes how a network trains, not what its parameters mean (e.g. MaxSquare
+    # fine-tuning an AdaptSegNet-trained network), whichever side it is on.
+    checkpoints.check_model_meta(saved, {"depth": 101, "width": 64, "bn_mode": "train"}, "ckpt")
+    checkpoints.check_model_meta(saved, {"depth": 101, "width": 64}, "ckpt")
+    with pytest.raises(checkpoints.CheckpointMismatchError, match="depth: checkpoint 101 vs"):
+        checkpoints.check_model_meta(saved, {"depth": 50, "width": 64, "bn_mode": "train"}, "x")
+
+
 def _nan_at_step_3(state, batch, **kwargs):
     state, metrics = source_only.train_step(state, batch, **kwargs)
     poisoned = jax.numpy.where(state.step == 3, jax.numpy.nan, metrics["loss"])

@@ -1,0 +1,249 @@
+"""Convert the published methods' PyTorch checkpoints into jaxda orbax checkpoints.
+
+  python -m launch.convert --from=GTA2Cityscapes_multi-ed35151c.pth \
+      --config=configs/adaptseg.py --out=/tmp/adaptseg_released
+
+A segmentation checkpoint becomes `OUT/checkpoints/0/{model, meta}`, the layout a training run
+writes: `model` holds the FULL variables of the config's network (params and BN statistics;
+what the file does not provide keeps the initialisation a run of the config with `config.seed`
+would draw), `meta` holds {'step': 0, 'model': config.model, 'converted_from', 'layout',
+'report'}. So
+
+  python -m launch.main --config=configs/adaptseg.py --workdir=OUT --mode=eval
+  python -m launch.main --config=configs/adaptseg.py --workdir=NEW --config.init_from=OUT
+
+evaluate it and train from it. (OUT is not a training workdir: it holds no optimizer state.)
+
+A discriminator checkpoint (AdaptSegNet or ADVENT layout) becomes `OUT/discriminator/` with the
+orbax items `params` (FCDiscriminator params, as `FCDiscriminator.apply({'params': ...})` takes
+them) and `meta` (JSON); `restore_discriminator` reads it back.
+
+PyTorch is needed only here, imported when a file is read: pip install -e '.[torch]'.
+"""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from jaxda import checkpoints, models
+from jaxda.interop import layouts, torch_layouts
+from jaxda.interop.layouts import ConversionError
+from jaxda.interop.torch_layouts import ConversionReport
+
+DISCRIMINATOR_SUBDIR = "discriminator"
+_INIT_SIZE = (64, 64)  # Dummy input of the initialisation; shapes do not depend on it.
+
+__all__ = [
+    "ConversionError",
+    "ConversionReport",
+    "convert_discriminator",
+    "convert_file",
+    "convert_segmenter",
+    "load_file",
+    "restore_discriminator",
+]
+
+
+def import_torch():
+    """The torch module, or an ImportError that says how to install it."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            "Reading PyTorch checkpoints needs PyTorch, an optional dependency of jaxda: "
+            "pip install -e '.[torch]'"
+        ) from e
+    return torch
+
+
+def load_file(path: str):
+    """The object pickled in a `.pth` / `.pkl` file (ProDA's `.pkl` is a torch pickle).
+
+    `weights_only=False` because the released files hold more than tensors (epochs, scores,
+    optimizer states); only load files you trust.
+    """
+    torch = import_torch()
+    return torch.load(str(path), map_location="cpu", weights_only=False)
+
+
+def _to_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # A torch.Tensor.
+        value = value.detach().cpu()
+        if value.is_floating_point():
+            value = value.float()  # bfloat16 has no NumPy type.
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _numpy_state_dict(obj) -> tuple[dict, str, list]:
+    state_dict, container, others = layouts.unwrap(obj)
+    return {k: _to_numpy(v) for k, v in state_dict.items()}, container, others
+
+
+@functools.cache
+def _jitted_init(cpu: bool):
+    """`module.init` jitted with the module static (so repeated conversions of one config reuse
+    the compiled function), at XLA's lowest optimisation level on CPU, as
+    `trainer.init_state`: the PRNG calls of every layer otherwise take long to compile (same
+    random bits either way)."""
+    options = {"xla_backend_optimization_level": 0} if cpu else None
+    return jax.jit(
+        lambda module, key, dummy: module.init(key, dummy),
+        static_argnums=0,
+        compiler_options=options,
+    )
+
+
+def _init(module, key, dummy) -> dict:
+    return jax.device_get(_jitted_init(jax.default_backend() == "cpu")(module, key, dummy))
+
+
+def _model_meta(config) -> dict:
+    return json.loads(config.model.to_json())
+
+
+def init_segmenter(config: ml_collections.ConfigDict) -> dict:
+    """The config's network, initialised as a training run of it would (`state.create`: the
+    first of three keys split from `config.seed`), as NumPy arrays."""
+    model = models.build_segmenter(config.model, config.num_classes)
+    model_key = jax.random.split(jax.random.key(config.seed), 3)[0]
+    return _init(model, model_key, jnp.zeros((1, *_INIT_SIZE, 3), jnp.float32))
+
+
+def init_discriminator(config: ml_collections.ConfigDict) -> dict:
+    """FCDiscriminator({'width': config.discriminator.width}) params for num_classes inputs."""
+    disc = models.build_discriminator(config.discriminator)
+    key = jax.random.fold_in(jax.random.split(jax.random.key(config.seed), 3)[1], 0)
+    return _init(disc, key, jnp.zeros((1, *_INIT_SIZE, config.num_classes), jnp.float32))
+
+
+def _merge(initial: dict, loaded: dict) -> dict:
+    flat = torch_layouts.flatten(initial)
+    flat.update(loaded)
+    return torch_layouts.unflatten(flat)
+
+
+def convert_segmenter(
+    obj,
+    config: ml_collections.ConfigDict,
+    *,
+    layout: str | None = None,
+    skip_head: bool = False,
+    check_aspp: bool = True,
+) -> tuple[dict, ConversionReport]:
+    """(full DeepLabV2 variables of `config`, report) from a loaded checkpoint object.
+
+    Args:
+      obj: what `load_file` returns (a container dict or a state dict; tensors or arrays).
+      config: a jaxda config (its `model`, `num_classes` and `seed` are used).
+      layout: a `layouts.LAYOUTS` name; None detects it.
+      skip_head / check_aspp: see `torch_layouts.map_state_dict`.
+    """
+    state_dict, container, others = _numpy_state_dict(obj)
+    initial = init_segmenter(config)
+    loaded, report = torch_layouts.map_state_dict(
+        state_dict,
+        initial,
+        layout,
+        container=container,
+        container_entries=others,
+        skip_head=skip_head,
+        check_aspp=check_aspp,
+    )
+    if layouts.LAYOUTS[report.layout].kind != "segmenter":
+        raise ConversionError(f"Layout {report.layout!r} is a discriminator's")
+    return _merge(initial, loaded), report
+
+
+def convert_discriminator(
+    obj, config: ml_collections.ConfigDict, *, layout: str | None = None
+) -> tuple[dict, ConversionReport]:
+    """(FCDiscriminator params of `config.discriminator`, report) from a loaded checkpoint."""
+    state_dict, container, others = _numpy_state_dict(obj)
+    initial = init_discriminator(config)
+    loaded, report = torch_layouts.map_state_dict(
+        state_dict, initial, layout, container=container, container_entries=others
+    )
+    return _merge(initial, loaded)["params"], report
+
+
+def _refuse_existing(path: epath.Path) -> None:
+    if path.exists() and any(path.iterdir()):
+        raise ConversionError(f"{path} already exists and is not empty; choose another --out.")
+
+
+def convert_file(
+    path: str,
+    config: ml_collections.ConfigDict,
+    out: str,
+    *,
+    layout: str | None = None,
+    skip_head: bool = False,
+    check_aspp: bool = True,
+) -> ConversionReport:
+    """Converts one PyTorch checkpoint file and writes it under `out` (see the module doc)."""
+    obj = load_file(path)
+    state_dict, container, _ = layouts.unwrap(obj)
+    layout = layout or layouts.detect_layout(list(state_dict), container)
+    out = epath.Path(out)
+    meta = {
+        "converted_from": str(path),
+        "layout": layout,
+        "num_classes": config.num_classes,
+    }
+    if layouts.LAYOUTS[layout].kind == "discriminator":
+        _refuse_existing(out / DISCRIMINATOR_SUBDIR)
+        params, report = convert_discriminator(obj, config, layout=layout)
+        report.source = str(path)
+        meta |= {"discriminator": config.discriminator.to_dict(), "report": report.to_dict()}
+        save_discriminator(out, params, meta)
+        logging.info("Wrote the discriminator to %s", out / DISCRIMINATOR_SUBDIR)
+        return report
+    _refuse_existing(out / checkpoints.CHECKPOINT_SUBDIR)
+    variables, report = convert_segmenter(
+        obj, config, layout=layout, skip_head=skip_head, check_aspp=check_aspp
+    )
+    report.source = str(path)
+    meta |= {"model": _model_meta(config), "report": report.to_dict()}
+    checkpointer = checkpoints.Checkpointer(str(out), keep=1)
+    checkpointer.save(0, {"model": jax.tree.map(jnp.asarray, variables)}, meta)
+    checkpointer.wait()
+    checkpointer.close()
+    logging.info("Wrote the segmentation network to %s", checkpoints.find_step_dir(str(out)))
+    return report
+
+
+def save_discriminator(out: str, params: dict, meta: dict) -> None:
+    """Writes `out/discriminator/{params, meta}`."""
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(
+            epath.Path(out) / DISCRIMINATOR_SUBDIR,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(jax.tree.map(jnp.asarray, params)),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
+
+
+def restore_discriminator(out: str, config: ml_collections.ConfigDict) -> tuple[dict, dict]:
+    """(FCDiscriminator params, meta) written by `convert_file` under `out`."""
+    abstract = jax.eval_shape(
+        lambda: models.build_discriminator(config.discriminator).init(
+            jax.random.key(0), jnp.zeros((1, *_INIT_SIZE, config.num_classes))
+        )["params"]
+    )
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        restored = ckptr.restore(
+            epath.Path(out) / DISCRIMINATOR_SUBDIR,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            ),
+        )
+    return restored["params"], restored["meta"]

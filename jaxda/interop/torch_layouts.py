@@ -1,0 +1,411 @@
+"""PyTorch checkpoints of the DeepLabV2-era UDA code -> jaxda's Flax variables (NumPy only).
+
+This module knows the key layouts of the released checkpoints (reference: methods.md,
+"Checkpoint key layouts") and maps a flat state dict (name -> array) onto the variables of
+`jaxda.models.deeplab_v2.DeepLabV2` or `jaxda.models.discriminators.FCDiscriminator`. It never
+imports torch: `jaxda.interop.convert` reads the files and hands the arrays over.
+
+Layouts: `jaxda.interop.layouts`; ASPP branch detection: `jaxda.interop.aspp_detection`.
+
+Every key of the file ends up in exactly one group of the `ConversionReport`: loaded, skipped
+(recognised but not loadable into this model, with the reason), ignored (not part of the
+network: teachers, optimizer states, step counters) or unexpected (not understood). Every model
+variable that the file does not provide is listed as missing: it keeps its initialisation.
+"""
+
+import collections
+import dataclasses
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+from jaxda.interop.aspp_detection import detect_aspp_branches
+from jaxda.interop.layouts import LAYOUTS, ConversionError, Layout, detect_layout, strip_module
+
+# Ignored in every layout (the legacy Caffe-converted files have none).
+_NUM_BATCHES_TRACKED = "BatchNorm step counter (unused by jaxda)"
+_BN_FIELDS = {
+    "weight": ("params", "scale"),
+    "bias": ("params", "bias"),
+    "running_mean": ("batch_stats", "mean"),
+    "running_var": ("batch_stats", "var"),
+}
+_BN = r"(weight|bias|running_mean|running_var)"
+
+
+# ------------------------------------------------------------------------------------------
+# The report.
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What happened to every key of the file and every variable of the model."""
+
+    layout: str
+    container: str = "bare"
+    source: str = ""
+    loaded: dict = dataclasses.field(default_factory=dict)  # torch key -> jaxda path
+    missing: list = dataclasses.field(default_factory=list)  # jaxda paths kept at init
+    skipped: dict = dataclasses.field(default_factory=dict)  # torch key -> reason
+    ignored: dict = dataclasses.field(default_factory=dict)  # torch key -> reason
+    unexpected: list = dataclasses.field(default_factory=list)  # torch keys not understood
+    aspp: dict = dataclasses.field(default_factory=dict)
+    notes: list = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def format(self) -> str:
+        """A human-readable summary: counts, every missing and unexpected name, reasons."""
+        description = LAYOUTS[self.layout].description if self.layout in LAYOUTS else ""
+        lines = [
+            f"Converted {self.source or 'state dict'}",
+            f"  layout: {self.layout} ({description}); container: {self.container}",
+        ]
+        groups = collections.Counter(path.split("/")[1] for path in self.loaded.values())
+        detail = ", ".join(f"{g} {n}" for g, n in sorted(groups.items()))
+        lines.append(f"  loaded: {len(self.loaded)} tensors ({detail})")
+        lines.append(f"  missing, kept at their initialisation: {len(self.missing)}")
+        lines += [f"    {p}" for p in self.missing]
+        for title, entries in (("skipped", self.skipped), ("ignored", self.ignored)):
+            lines.append(f"  {title}: {len(entries)}")
+            by_reason = collections.defaultdict(list)
+            for key, reason in entries.items():
+                by_reason[reason].append(key)
+            for reason, keys in by_reason.items():
+                shown = ", ".join(keys if len(keys) <= 8 else [*keys[:3], "..."])
+                lines.append(f"    {reason} ({len(keys)}): {shown}")
+        lines.append(f"  unexpected (not understood, not loaded): {len(self.unexpected)}")
+        lines += [f"    {k}" for k in self.unexpected]
+        if self.aspp:
+            lines.append(f"  ASPP: {self.aspp.get('summary', '')}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# Mapping.
+
+
+def flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, object]:
+    """{('params', 'backbone', 'conv1', 'kernel'): leaf} of a nested dict."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, (*prefix, key)))
+        else:
+            flat[(*prefix, key)] = value
+    return flat
+
+
+def unflatten(flat: Mapping[tuple, object]) -> dict:
+    tree = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(path)
+
+
+def _backbone_path(name: str) -> tuple | None:
+    """jaxda variable path of a backbone tensor name ('layer3.4.bn2.running_var'), or None."""
+    if name == "conv1.weight":
+        return ("params", "backbone", "conv1", "kernel")
+    if m := re.fullmatch(rf"bn1\.{_BN}", name):
+        collection, leaf = _BN_FIELDS[m[1]]
+        return (collection, "backbone", "bn1", leaf)
+    if m := re.fullmatch(r"layer([1-4])\.(\d+)\.(.+)", name):
+        block, rest = f"layer{m[1]}_{int(m[2])}", m[3]
+        if c := re.fullmatch(r"(conv[1-3])\.weight", rest):
+            return ("params", "backbone", block, c[1], "kernel")
+        if c := re.fullmatch(r"downsample\.0\.weight", rest):
+            return ("params", "backbone", block, "downsample", "kernel")
+        if c := re.fullmatch(rf"(bn[1-3]|downsample\.1)\.{_BN}", rest):
+            collection, leaf = _BN_FIELDS[c[2]]
+            module = "bn_downsample" if c[1] == "downsample.1" else c[1]
+            return (collection, "backbone", block, module, leaf)
+    return None
+
+
+def _blocks(paths) -> dict[int, int]:
+    """{layer: number of blocks} of backbone paths."""
+    counts = {}
+    for path in paths:
+        if (
+            len(path) > 2
+            and path[1] == "backbone"
+            and (m := re.fullmatch(r"layer(\d)_(\d+)", path[2]))
+        ):
+            layer, block = int(m[1]), int(m[2])
+            counts[layer] = max(counts.get(layer, 0), block + 1)
+    return counts
+
+
+def _to_jax_layout(value: np.ndarray) -> np.ndarray:
+    return np.transpose(value, (2, 3, 1, 0)) if value.ndim == 4 else value
+
+
+def _torch_shape(shape) -> tuple:
+    """A Flax kernel shape (HWIO) as PyTorch's (OIHW), for messages."""
+    shape = tuple(shape)
+    return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape
+
+
+@dataclasses.dataclass
+class _Entry:
+    key: str  # as in the file
+    path: tuple  # jaxda variable path
+    value: np.ndarray  # PyTorch layout
+    group: str  # 'backbone', a jaxda head, or 'discriminator'
+    module: str = ""  # the PyTorch head module ('layer6')
+    branch: int = -1
+
+
+def map_state_dict(
+    state_dict: Mapping[str, object],
+    target: Mapping,
+    layout: str | None = None,
+    *,
+    container: str = "bare",
+    container_entries: tuple = (),
+    skip_head: bool = False,
+    check_aspp: bool = True,
+) -> tuple[dict, ConversionReport]:
+    """Maps a flat PyTorch state dict onto the variables described by `target`.
+
+    Args:
+      state_dict: name -> array (NumPy or anything `np.asarray` takes), PyTorch layouts.
+      target: the model's variables or their shapes (e.g. `jax.eval_shape` of `model.init`):
+        {'params': ..., 'batch_stats': ...} of DeepLabV2, or {'params': ...} of FCDiscriminator.
+      layout: a `LAYOUTS` name; None detects it from the keys.
+      container / container_entries: from `unwrap`, for the report.
+      skip_head: load no head tensor (the heads keep their initialisation), e.g. for another
+        class count.
+      check_aspp: raise when the loaded heads look trained with another number of ASPP
+        branches than the model sums.
+
+    Returns:
+      ({jaxda path tuple: float32 array in Flax layout} of the loaded tensors, report).
+
+    Raises:
+      ConversionError: unknown layout, a shape mismatch (naming the key and both shapes), a
+        backbone depth mismatch, or an ASPP branch-count disagreement.
+    """
+    layout = layout or detect_layout(list(state_dict), container)
+    if layout not in LAYOUTS:
+        raise ConversionError(f"Unknown layout {layout!r}; known: {sorted(LAYOUTS)}")
+    spec = LAYOUTS[layout]
+    targets = flatten(target)
+    is_discriminator = spec.kind == "discriminator"
+    if is_discriminator != ("backbone" not in target.get("params", {})):
+        kind = "a discriminator" if is_discriminator else "a segmentation network"
+        raise ConversionError(f"Layout {layout!r} describes {kind}, the target does not.")
+    report = ConversionReport(layout=layout, container=container)
+    for name in container_entries:
+        report.ignored[name] = f"{container} checkpoint entry (not network weights)"
+    heads = dict(spec.heads)
+    model_heads = {p[1] for p in targets if p[1].startswith("head_")}
+    model_branches = {
+        head: sum(1 for p in targets if p[1] == head and p[-1] == "kernel") for head in model_heads
+    }
+
+    entries: dict[tuple, _Entry] = {}
+    for key, raw in state_dict.items():
+        name = strip_module(key)
+        reason = next((r for pattern, r in spec.ignore if re.fullmatch(pattern, name)), None)
+        if reason is None and name.endswith("num_batches_tracked"):
+            reason = _NUM_BATCHES_TRACKED
+        if reason is not None:
+            report.ignored[key] = reason
+            continue
+        reason = next((r for pattern, r in spec.skip if re.fullmatch(pattern, name)), None)
+        if reason is not None:
+            report.skipped[key] = reason
+            continue
+        if not name.startswith(spec.prefix):
+            report.unexpected.append(key)
+            continue
+        name = name[len(spec.prefix) :]
+        entry = _parse(key, name, spec, heads)
+        if entry is None:
+            report.unexpected.append(key)
+            continue
+        entry.value = np.asarray(raw)
+        if entry.group.startswith("head_") and entry.group not in model_heads:
+            report.skipped[key] = "the model has no aux head (config.model.multi_level=False)"
+            continue
+        if entry.path in entries:
+            raise ConversionError(
+                f"Keys {entries[entry.path].key!r} and {key!r} both map to {_path_str(entry.path)}"
+            )
+        entries[entry.path] = entry
+
+    if not is_discriminator:
+        _check_depth(entries, targets)
+    _check_shapes(entries, targets, spec, report, skip_head)
+    _aspp(entries, model_branches, report, check_aspp and not skip_head)
+
+    loaded = {}
+    for path, entry in entries.items():
+        if entry.group.startswith("head_") and entry.branch >= model_branches[entry.group]:
+            report.skipped[entry.key] = (
+                f"config.model.num_aspp_branches={model_branches[entry.group]}: the model "
+                f"sums only branches 0..{model_branches[entry.group] - 1}"
+            )
+            continue
+        if path not in targets:  # Only possible for names the model does not have.
+            report.unexpected.append(entry.key)
+            continue
+        dtype = getattr(targets[path], "dtype", np.float32)
+        # A copy: the arrays must not alias the caller's (e.g. a live torch model's) memory.
+        loaded[path] = np.array(_to_jax_layout(entry.value), dtype=dtype, order="C", copy=True)
+        report.loaded[entry.key] = _path_str(path)
+    report.missing = [_path_str(p) for p in targets if p not in loaded]
+    report.unexpected = sorted(report.unexpected)
+    for head in sorted(model_heads):
+        if not any(p[1] == head for p in loaded):
+            report.notes.append(
+                f"{head} is not loaded from the file: it keeps its initialisation"
+                + (
+                    " (--config.model.multi_level=False builds the model without it)"
+                    if head == "head_aux" and not skip_head
+                    else ""
+                )
+            )
+    if not loaded and report.unexpected:
+        raise ConversionError(
+            f"No tensor of the file matches layout {layout!r} ({len(report.unexpected)} keys "
+            f"not understood, e.g. {report.unexpected[:4]}); pass the right --layout "
+            f"(one of {sorted(LAYOUTS)})."
+        )
+    if report.unexpected:
+        report.notes.append(
+            f"{len(report.unexpected)} key(s) were not understood in layout {layout!r} and were "
+            "not loaded; pass --layout if the detected layout is wrong"
+        )
+    return loaded, report
+
+
+def _parse(key: str, name: str, spec: Layout, heads: dict) -> _Entry | None:
+    if spec.kind == "discriminator":
+        m = re.fullmatch(r"(\w+)\.(weight|bias)", name)
+        modules = dict(spec.modules)
+        if not m or m[1] not in modules:
+            return None
+        leaf = "kernel" if m[2] == "weight" else "bias"
+        return _Entry(key, ("params", modules[m[1]], leaf), None, "discriminator")
+    if m := re.fullmatch(r"(\w+)\.conv2d_list\.(\d+)\.(weight|bias)", name):
+        if m[1] not in heads:
+            return None
+        head, branch = heads[m[1]], int(m[2])
+        leaf = "kernel" if m[3] == "weight" else "bias"
+        path = ("params", head, f"branch{branch}", leaf)
+        return _Entry(key, path, None, head, module=m[1], branch=branch)
+    path = _backbone_path(name)
+    return None if path is None else _Entry(key, path, None, "backbone")
+
+
+def _check_depth(entries: dict, targets: dict) -> None:
+    in_file, in_model = _blocks(entries), _blocks(targets)
+    if in_file and in_file != in_model:
+
+        def fmt(counts):
+            return tuple(counts.get(layer, 0) for layer in range(1, 5))
+
+        raise ConversionError(
+            f"The file's backbone has {fmt(in_file)} blocks in layer1..layer4, the config's "
+            f"model {fmt(in_model)}: set --config.model.depth (50: (3, 4, 6, 3), 101: "
+            "(3, 4, 23, 3)) or --config.model.stage_sizes to match the file."
+        )
+
+
+def _check_shapes(entries, targets, spec, report, skip_head) -> None:
+    """Shape mismatches raise; heads are skipped instead with --skip_head or in init files."""
+    mismatched = collections.defaultdict(list)  # group -> [(key, file shape, model shape)]
+    for path, entry in entries.items():
+        if path in targets:
+            expected = _torch_shape(targets[path].shape)
+            if tuple(entry.value.shape) != expected:
+                mismatched[entry.group].append((entry.key, tuple(entry.value.shape), expected))
+    for group in sorted({e.group for e in entries.values() if e.group.startswith("head_")}):
+        reason = None
+        if skip_head:
+            reason = "--skip_head: the model's heads keep their initialisation"
+        elif mismatched.get(group) and spec.skip_mismatched_heads:
+            _, found, expected = mismatched[group][0]
+            reason = (
+                f"head shape {found} differs from the model's {expected} (e.g. {found[0]} vs "
+                f"{expected[0]} classes): the head keeps its initialisation"
+            )
+        if reason:
+            for path in [p for p, e in entries.items() if e.group == group]:
+                report.skipped[entries.pop(path).key] = reason
+            mismatched.pop(group, None)
+    if mismatched:
+        problems = [m for group in sorted(mismatched) for m in mismatched[group]]
+        lines = "\n".join(
+            f"  {key}: file {found}, model {expected}" for key, found, expected in problems[:10]
+        )
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        heads_only = all(g.startswith("head_") for g in mismatched)
+        hint = (
+            "The heads differ (another class count?): pass --skip_head to load the backbone only "
+            "and keep the heads at their initialisation, or set --config.num_classes."
+            if heads_only
+            else "The model differs from the file's: check --config.model.width / depth "
+            "(or --config.discriminator.width and --config.num_classes for a discriminator)."
+        )
+        raise ConversionError(
+            f"Shape mismatch (PyTorch layout [out, in, kh, kw]):\n{lines}{more}\n{hint}"
+        )
+
+
+def _aspp(entries, model_branches, report, check) -> None:
+    per_module = collections.defaultdict(dict)
+    for entry in entries.values():
+        if entry.group.startswith("head_"):
+            weight_or_bias = 0 if entry.path[-1] == "kernel" else 1
+            per_module[(entry.group, entry.module)].setdefault(entry.branch, [None, None])
+            per_module[(entry.group, entry.module)][entry.branch][weight_or_bias] = entry.value
+    if not per_module:
+        return
+    heads, found = {}, set()
+    for (group, module), branches in sorted(per_module.items()):
+        complete = {i: tuple(wb) for i, wb in branches.items() if wb[0] is not None}
+        detected, stats = detect_aspp_branches(complete)
+        heads[group] = {"module": module, "detected": detected, "branches": stats}
+        if detected is not None:
+            found.add(detected)
+    configured = sorted(set(model_branches.values()))
+    detected = found.pop() if len(found) == 1 else None
+    if detected is None:
+        summary = "the number of ASPP branches the heads were trained with cannot be told"
+    elif detected == 2:
+        summary = "2 branches trained (branches 2 and 3 still look like their N(0, 0.01) init)"
+    else:
+        summary = "4 branches trained"
+    summary += f"; config.model.num_aspp_branches={configured[0] if configured else None}"
+    report.aspp = {"detected": detected, "configured": configured, "heads": heads}
+    report.aspp["summary"] = summary
+    if check and detected is not None and configured and configured != [detected]:
+        details = "; ".join(
+            f"{h['module']}: "
+            + ", ".join(
+                f"branch {s['branch']} std {s['std']:.5f} mean {s['mean']:.2e}"
+                for s in h["branches"]
+            )
+            for h in heads.values()
+            if h["branches"]
+        )
+        raise ConversionError(
+            f"The checkpoint's heads look trained with {detected} ASPP branches ({details}), but "
+            f"config.model.num_aspp_branches={configured[0]}. Pass "
+            f"--config.model.num_aspp_branches={detected} (AdaptSegNet and MaxSquare checkpoints: "
+            "2, ADVENT and da-sac: 4), or --skip_aspp_check to convert anyway."
+        )

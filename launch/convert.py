@@ -1,0 +1,65 @@
+"""Command line: convert a PyTorch checkpoint of a published method into a jaxda checkpoint.
+
+  python -m launch.convert --from=GTA2Cityscapes_multi-ed35151c.pth \
+      --config=configs/adaptseg.py --out=/tmp/adaptseg_released
+  python -m launch.main --config=configs/adaptseg.py --workdir=/tmp/adaptseg_released --mode=eval
+
+Needs PyTorch (pip install -e '.[torch]'). The layout is detected from the file's keys
+(--layout overrides it); the printed report lists what was loaded, what the file lacks (kept at
+the config's initialisation), and what was skipped or ignored, by name. This file is
+intentionally short: all logic lives in `jaxda.interop`.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxda.interop import convert, layouts
+
+config_flags.DEFINE_config_file(
+    "config", None, "Config file (path[:args]) describing the model.", lock_config=True
+)
+flags.DEFINE_string("from", None, "The PyTorch checkpoint (.pth / .pkl) to convert.")
+flags.DEFINE_string(
+    "out",
+    None,
+    "Output directory: OUT/checkpoints/0 (a segmentation network, for --workdir=OUT "
+    "--mode=eval or --config.init_from=OUT) or OUT/discriminator (a discriminator).",
+)
+flags.DEFINE_enum(
+    "layout", "auto", ["auto", *layouts.LAYOUTS], "The file's key layout (auto: detect)."
+)
+flags.DEFINE_bool(
+    "skip_head", False, "Load the backbone only: the heads keep their initialisation."
+)
+flags.DEFINE_bool(
+    "skip_aspp_check",
+    False,
+    "Convert even when the heads look trained with another number of ASPP branches than "
+    "config.model.num_aspp_branches.",
+)
+flags.mark_flags_as_required(["config", "from", "out"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        report = convert.convert_file(
+            FLAGS["from"].value,
+            FLAGS.config,
+            FLAGS.out,
+            layout=None if FLAGS.layout == "auto" else FLAGS.layout,
+            skip_head=FLAGS.skip_head,
+            check_aspp=not FLAGS.skip_aspp_check,
+        )
+    except (layouts.ConversionError, ImportError, FileNotFoundError) as e:
+        sys.exit(f"launch.convert: error: {e}")
+    print(report.format())
+    print(f"Written under {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
