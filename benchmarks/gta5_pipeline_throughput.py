@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 from PIL import Image
 
 GTA5_SIZE = (1052, 1914)  # (height, width) of most GTA5 frames.
@@ -27,16 +26,13 @@ GTA5_SIZE = (1052, 1914)  # (height, width) of most GTA5 frames.
 def write_gta5(root: str, count: int) -> None:
     from jaxda.data import labels, synthetic
 
-    train_to_label = np.zeros(256, np.uint8)  # Train id -> a Cityscapes label id (255 -> 0).
-    for label_id, train_id in labels.CITYSCAPES_LABEL_TO_TRAIN_ID.items():
-        train_to_label[train_id] = label_id
     os.makedirs(f"{root}/images"), os.makedirs(f"{root}/labels")
     for index in range(count):
         image, train_ids = synthetic.generate_example(
             "target", "train", index, seed=0, height=GTA5_SIZE[0], width=GTA5_SIZE[1]
         )
         Image.fromarray(image).save(f"{root}/images/{index + 1:05d}.png")
-        label = Image.fromarray(train_to_label[train_ids]).convert("P")
+        label = Image.fromarray(labels.train_ids_to_label_ids(train_ids)).convert("P")
         label.save(f"{root}/labels/{index + 1:05d}.png")
 
 
