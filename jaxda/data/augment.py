@@ -10,18 +10,26 @@ Images are float32 RGB in [0, 255] (before normalisation), [H, W, 3]; labels are
 [H, W]. Geometric ops (scale, crop/pad, flip) move image and label together, with bicubic
 resampling for the image and nearest neighbour for the label; photometric ops (colour jitter,
 blur) touch the image only.
+
+`augment` also returns where its view lies in the frame it started from (`box`, `flip`), so
+that maps of the same example (labels, predictions) can be moved between views with
+`jaxda.data.geometry`.
 """
 
+import zlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
-IGNORE_LABEL = 255
+from jaxda.data.labels import IGNORE_LABEL
 
 # Slots of the per-example uniform vector.
 _SCALE, _CROP_Y, _CROP_X, _FLIP, _BLUR, _SIGMA, _BRIGHT, _CONTRAST, _SATURATION = range(9)
 _NUM_UNIFORMS = 9
+# The box of a view showing the whole input frame.
+BASE_BOX = (0.0, 0.0, 1.0, 1.0)
 # ITU-R 601 luma weights (PIL / torchvision greyscale).
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -37,6 +45,15 @@ def example_seed(key: tf.Tensor, position: tf.Tensor) -> tf.Tensor:
     return tf.random.experimental.stateless_fold_in(key, tf.cast(position, tf.int64))
 
 
+def view_seed(seed: tf.Tensor, view: str) -> tf.Tensor:
+    """[2] int64 seed of the named view of the example with `seed` (`example_seed`).
+
+    Keyed by the name, not the view's place in the config, so that adding a view does not
+    change the other views' draws.
+    """
+    return tf.random.experimental.stateless_fold_in(seed, zlib.crc32(view.encode()))
+
+
 def uniforms(seed: tf.Tensor) -> tf.Tensor:
     """[9] float32 U[0, 1) draws, one per random decision (see the slot constants)."""
     return tf.random.stateless_uniform([_NUM_UNIFORMS], seed=seed)
@@ -46,24 +63,119 @@ def _lerp(low: float, high: float, u: tf.Tensor) -> tf.Tensor:
     return low + (high - low) * u
 
 
+# Fraction bits of Pillow's fixed-point filter weights for 8-bit images (PRECISION_BITS).
+PIL_WEIGHT_BITS = 22
+
+
+def _pil_cubic(x: tf.Tensor) -> tf.Tensor:
+    """Pillow's BICUBIC kernel (Keys, a = -0.5, support 2) at |x|, float64, in its op order."""
+    a = -0.5
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return tf.where(x < 1.0, near, tf.where(x < 2.0, far, tf.zeros_like(x)))
+
+
+def bicubic_taps(in_size, out_size) -> tuple[tf.Tensor, tf.Tensor]:
+    """(indices, weights), int32 [out_size, K] each: PIL's BICUBIC resampling of one axis.
+
+    Output pixel i = sum_k weights[i, k] * input[indices[i, k]] / 2**PIL_WEIGHT_BITS, with
+    Pillow's rules: output pixel centres map to (i + 0.5) * in / out; when downsampling the
+    kernel is stretched by in / out (antialiasing); it is cut at the border and renormalised;
+    weights are rounded half away from zero to fixed point. Unused taps weigh 0. Works for
+    dynamic sizes; in float64 because Pillow computes the weights in double.
+    """
+    in_size = tf.convert_to_tensor(in_size, tf.int32)
+    scale = tf.cast(in_size, tf.float64) / tf.cast(out_size, tf.float64)
+    stretch = tf.maximum(scale, 1.0)
+    support = 2.0 * stretch
+    num_taps = 2 * tf.cast(tf.math.ceil(support), tf.int32) + 1
+    center = (tf.cast(tf.range(out_size), tf.float64) + 0.5) * scale
+    # Casts truncate, as Pillow's (int)(x + 0.5) does; a negative start is clamped anyway.
+    first = tf.maximum(tf.cast(center - support + 0.5, tf.int32), 0)
+    stop = tf.minimum(tf.cast(center + support + 0.5, tf.int32), in_size)
+    source = first[:, None] + tf.range(num_taps)[None]
+    x = tf.abs((tf.cast(source, tf.float64) - center[:, None] + 0.5) * (1.0 / stretch))
+    weights = tf.where(source < stop[:, None], _pil_cubic(x), tf.zeros_like(x))
+    weights /= tf.reduce_sum(weights, axis=1, keepdims=True)
+    magnitude = tf.floor(tf.abs(weights) * 2.0**PIL_WEIGHT_BITS + 0.5)
+    fixed = tf.cast(tf.sign(weights) * magnitude, tf.int32)
+    return tf.minimum(source, in_size - 1), fixed
+
+
+def _bicubic_rows(image: tf.Tensor, out_size) -> tf.Tensor:
+    """float32 [H, W, C] -> [out_size, W, C]: PIL BICUBIC along axis 0, unrounded.
+
+    One row gather per tap: without XLA (sizes here are random, so compiling per size would
+    not pay) this beats gathering all taps at once, which materialises K copies of the image.
+    """
+    indices, fixed = bicubic_taps(tf.shape(image)[0], out_size)
+    weights = tf.cast(fixed, tf.float32) * 2.0**-PIL_WEIGHT_BITS  # Exact: |fixed| < 2**24.
+    total = tf.zeros(tf.concat([[out_size], tf.shape(image)[1:]], 0), tf.float32)
+
+    def add_tap(k, total):
+        return k + 1, total + tf.gather(image, indices[:, k]) * weights[:, k, None, None]
+
+    return tf.while_loop(lambda k, _: k < tf.shape(indices)[1], add_tap, (0, total))[1]
+
+
+def resize_bicubic(image: tf.Tensor, size) -> tf.Tensor:
+    """float32 [H, W, C] (integer values in [0, 255]) -> float32 [size[0], size[1], C], as
+    PIL's `Image.resize(size, BICUBIC)` of the uint8 image before its final rounding.
+
+    Like Pillow (see `input_pipeline.resize_image`): the horizontal pass first, its result
+    rounded and clipped to uint8, then the vertical pass (here clipped to [0, 255], not
+    rounded). Rounded, it is Pillow's image except where float32 sums break an exact tie of
+    the intermediate rounding the other way (<= 0.1% of pixels, by 1-2). Sizes may be dynamic.
+    """
+    rows_first = tf.transpose(image, [1, 0, 2])
+    wide = tf.transpose(_bicubic_rows(rows_first, size[1]), [1, 0, 2])
+    wide = tf.clip_by_value(tf.floor(wide + 0.5), 0.0, 255.0)
+    return tf.clip_by_value(_bicubic_rows(wide, size[0]), 0.0, 255.0)
+
+
+def _pil_nearest_indices(in_size, out_size) -> tf.Tensor:
+    """int32 [out_size]: the input pixel PIL's NEAREST resize samples for each output pixel.
+
+    Pillow steps the source coordinate by in / out from 0.5 * in / out, adding in double;
+    exact ties (e.g. for scales 2/3 or 4/3) depend on that rounding, so the steps are summed
+    in the same order (a sequential float64 cumsum) rather than computed as (i + 0.5) * scale.
+    Not for XLA, whose cumsum is a parallel scan.
+    """
+    step = tf.cast(in_size, tf.float64) / tf.cast(out_size, tf.float64)
+    steps = tf.concat([[0.5 * step], tf.fill([out_size - 1], step)], 0)
+    return tf.cast(tf.math.cumsum(steps), tf.int32)
+
+
+def resize_nearest(label: tf.Tensor, size) -> tf.Tensor:
+    """[H, W, ...] -> [size[0], size[1], ...], as PIL's `Image.resize(size, NEAREST)`.
+
+    tf.image.resize("nearest") picks other pixels on tie rows and columns (every third one at
+    scale 1.5 or 0.75) and where float32 rounding crosses a pixel edge.
+    """
+    shape = tf.shape(label)
+    rows = tf.gather(label, _pil_nearest_indices(shape[0], size[0]))
+    return tf.gather(rows, _pil_nearest_indices(shape[1], size[1]), axis=1)
+
+
 def scale(
     image: tf.Tensor, label: tf.Tensor, factor: tf.Tensor, base_size: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Resizes image (bicubic, clipped to [0, 255]) and label (nearest) to factor * base_size."""
+    """Resizes image (PIL bicubic, clipped to [0, 255]) and label (PIL nearest) to
+    round(factor * base_size)."""
     size = tf.maximum(tf.cast(tf.round(factor * tf.cast(base_size, tf.float32)), tf.int32), 1)
-    image = tf.clip_by_value(tf.image.resize(image, size, method="bicubic"), 0.0, 255.0)
-    label = tf.image.resize(label[..., None], size, method="nearest")[..., 0]
-    return image, label
+    return resize_bicubic(image, size), resize_nearest(label, size)
 
 
 def crop(
     image: tf.Tensor, label: tf.Tensor, crop_size: Sequence[int], u_y: tf.Tensor, u_x: tf.Tensor
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Random crop_size window; returns (image, label, padding [2, 2]) for `pad`.
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Random crop_size window; returns (image, label, padding [2, 2] for `pad`, start [2]).
 
     Along an axis longer than the crop the window starts at floor(u * (excess + 1)); along a
     shorter one the whole axis is kept and will be placed at that offset inside the padded
     crop. The crop is returned unpadded so that blur never mixes padding into the image.
+    start: int32 (y, x) of the padded window's top-left pixel in the input, negative where
+    the window pads.
     """
     shape = tf.shape(label)
     offsets, paddings = [], []
@@ -77,7 +189,8 @@ def crop(
     extent = tf.minimum(shape, tf.constant(crop_size, tf.int32))
     image = tf.slice(image, [offsets[0], offsets[1], 0], [extent[0], extent[1], 3])
     label = tf.slice(label, offsets, extent)
-    return image, label, tf.stack(paddings)
+    paddings = tf.stack(paddings)
+    return image, label, paddings, tf.stack(offsets) - paddings[:, 0]
 
 
 def pad(
@@ -133,6 +246,22 @@ def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, max_sigma: float) -> tf.Te
     return out[0]
 
 
+class Augmented(NamedTuple):
+    """`augment`'s output: the view and where it lies in the input ("base") frame.
+
+    box and flip apply to any map of the example: the view is the base frame's region `box`
+    resized to the view's size, then mirrored horizontally if `flip` (see jaxda.data.geometry).
+    """
+
+    image: tf.Tensor  # [h, w, 3] float32 in [0, 255].
+    label: tf.Tensor  # [h, w] uint8.
+    valid: tf.Tensor | None  # [h, w] bool, False on padding; None without crop_size.
+    # [4] float32 (y0, x0, y1, x1) in normalised base coordinates (0..1 spans the base image;
+    # beyond where the view pads).
+    box: tf.Tensor
+    flip: tf.Tensor  # [] bool.
+
+
 def augment(
     image: tf.Tensor,
     label: tf.Tensor,
@@ -145,8 +274,8 @@ def augment(
     blur_prob: float = 0.0,
     blur_sigma: Sequence[float] = (0.0, 1.0),
     color_jitter_strength: float = 0.0,
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor | None]:
-    """Scale -> crop -> photometric -> pad -> flip; returns (image, label, valid or None).
+) -> Augmented:
+    """Scale -> crop -> photometric -> pad -> flip of an image [H, W, 3] and label [H, W].
 
     base_size: (height, width) that `random_scale` factors multiply. valid: [h, w] bool, False
     on padding, when crop_size is set (the caller zeroes the normalised image there).
@@ -155,8 +284,14 @@ def augment(
     if random_scale:
         image, label = scale(image, label, _lerp(*random_scale, u[_SCALE]), base_size)
     padding = None
+    box = tf.constant(BASE_BOX)
     if crop_size:
-        image, label, padding = crop(image, label, crop_size, u[_CROP_Y], u[_CROP_X])
+        # Normalised by the scaled size: scaling maps the base frame onto the scaled image.
+        scaled_size = tf.cast(tf.shape(label), tf.float32)
+        image, label, padding, start = crop(image, label, crop_size, u[_CROP_Y], u[_CROP_X])
+        start = tf.cast(start, tf.float32)
+        end = start + tf.constant(crop_size, tf.float32)
+        box = tf.concat([start / scaled_size, end / scaled_size], 0)
     if color_jitter_strength:
         image = color_jitter(image, color_jitter_strength, u[_BRIGHT : _SATURATION + 1])
     if blur_prob and blur_sigma[1] > 0:
@@ -167,9 +302,10 @@ def augment(
     valid = None
     if crop_size:
         image, label, valid = pad(image, label, padding, crop_size)
+    do_flip = tf.constant(False)
     if flip_prob:
         do_flip = u[_FLIP] < flip_prob
         image, label = flip([image, label], do_flip)
         if valid is not None:
             (valid,) = flip([valid], do_flip)
-    return image, label, valid
+    return Augmented(image, label, valid, box, do_flip)

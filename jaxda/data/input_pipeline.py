@@ -7,8 +7,13 @@ the permutation drawn from (seed, e), and global sample `k` of the stream is
 with no iterator state to save. Every process reads its slice of each global batch, so the
 global batch (and the result) does not depend on the number of hosts or devices. Optional
 training augmentations (`augment`) are seeded by (seed, position) too, so they resume exactly.
+
+A training stream with `views` yields several independently augmented views of each example
+(e.g. ProDA's weak and strong views), each with the `box` and `flip` that place it in the
+example's frame (see `jaxda.data.geometry`).
 """
 
+import struct
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -85,15 +90,36 @@ def denormalize(images: np.ndarray, data_config: ml_collections.ConfigDict) -> n
 
 
 @tf.function(jit_compile=True)
-def _round_to_uint8(image: tf.Tensor) -> tf.Tensor:
-    """Float image -> uint8 as PIL would store a resized image (fused by XLA)."""
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+def _pil_bicubic_pass(image: tf.Tensor, out_size: int, axis: int) -> tf.Tensor:
+    """uint8 [H, W, 3] -> uint8, `axis` resized to out_size in Pillow's 8-bit fixed point.
+
+    XLA fuses the tap gather into the weighted sum (the taps are never materialised) and
+    compiles once per input shape. Each pass is its own XLA call: fused together, the second
+    pass would recompute the first for every one of its taps.
+    """
+    indices, weights = augment.bicubic_taps(tf.shape(image)[axis], out_size)
+    taps = tf.gather(tf.cast(image, tf.int32), indices, axis=axis)
+    weights = weights[:, :, None, None] if axis == 0 else weights[None, :, :, None]
+    # Pillow's sum fits int32 (|weights| sum to < 1.3 * 2**22); rounding is floor(x + 1/2).
+    total = tf.reduce_sum(taps * weights, axis=axis + 1) + (1 << (augment.PIL_WEIGHT_BITS - 1))
+    total = tf.bitwise.right_shift(total, augment.PIL_WEIGHT_BITS)
+    return tf.cast(tf.clip_by_value(total, 0, 255), tf.uint8)
 
 
 def resize_image(image: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
-    """uint8 [H, W, 3] -> uint8 [size[0], size[1], 3], bicubic: how every stream resizes images
-    (the DeepLab-era loaders use PIL BICUBIC)."""
-    return _round_to_uint8(tf.image.resize(image, size, method="bicubic"))
+    """uint8 [H, W, 3] -> uint8 [size[0], size[1], 3], bit-exact PIL `Image.resize(BICUBIC)`:
+    how every stream resizes images (the DeepLab-era loaders use PIL BICUBIC, which
+    antialiases when downsampling).
+
+    Like Pillow: horizontal pass first, rounded to uint8, then the vertical pass; an axis
+    that keeps its length is not resampled. (Pillow 13 sometimes starts with the vertical
+    pass when the height shrinks more than the width; not at the datasets' sizes.)
+    """
+    height, width = (int(n) for n in size)
+    shape = tf.shape(image)
+    image = tf.cond(shape[1] == width, lambda: image, lambda: _pil_bicubic_pass(image, width, 1))
+    image = tf.cond(shape[0] == height, lambda: image, lambda: _pil_bicubic_pass(image, height, 0))
+    return tf.ensure_shape(image, [height, width, 3])
 
 
 def _augment_options(domain_config: ml_collections.ConfigDict) -> dict | None:
@@ -132,6 +158,34 @@ def _augment_options(domain_config: ml_collections.ConfigDict) -> dict | None:
     }
 
 
+# Augmentation keys of a stream config that a view may override.
+AUGMENTATION_KEYS = ("random_scale", "crop_size", "flip", "blur_prob", "blur_sigma", "color_jitter")
+# Keys of a training example, which a view name would shadow.
+_RESERVED_VIEW_NAMES = ("image", "label", "box", "flip", "position", "index", "valid")
+
+
+def _view_options(domain_config: ml_collections.ConfigDict) -> dict[str, dict | None] | None:
+    """{view name: `_augment_options` of the stream with the view's overrides}, or None when
+    the stream has no `views` (a key read with a default: older configs lack it)."""
+    views = domain_config.get("views")
+    if not views:
+        return None
+    options = {}
+    for name, overrides in views.items():
+        unknown = sorted(set(overrides.keys()) - set(AUGMENTATION_KEYS))
+        if name in _RESERVED_VIEW_NAMES or unknown:
+            raise ValueError(
+                f"data stream {domain_config.name}:{domain_config.split}: view {name!r} must "
+                f"not be named one of {_RESERVED_VIEW_NAMES} and may only override "
+                f"{AUGMENTATION_KEYS}; unknown: {unknown}"
+            )
+        view_config = domain_config.copy_and_resolve_references()
+        for key, value in overrides.items():
+            view_config[key] = value
+        options[name] = _augment_options(view_config)
+    return options
+
+
 def _decode_fn(
     domain_config, data_config, label_size: Sequence[int] | None, seed: Sequence[int] = ()
 ):
@@ -140,39 +194,42 @@ def _decode_fn(
     `label_size`: None resizes labels with the image (training); () keeps their original
     size; (height, width) resizes them to that.
 
-    With a seed, `example['position']` (the stream position) seeds the augmentation.
+    With a seed (training), `example['position']` (the stream position) seeds the
+    augmentation and each example also gets its view's `box` [4] and `flip` []
+    (`augment.Augmented`; the whole frame and False when not augmented). With
+    `domain_config.views`, it is {view name: {'image', 'label', 'box', 'flip'}} instead.
     """
     table = _label_table(domain_config.label_map)
     table = None if table is None else tf.constant(table)
     size = domain_config.size
-    options = _augment_options(domain_config) if seed else None
-    # Random scaling resamples the original once, by a factor of `size`, instead of resizing
-    # to `size` first and resampling twice.
-    random_scale = bool(options and options["random_scale"])
-    key = None if options is None else tf.constant(augment.stream_key(seed))
+    views = _view_options(domain_config) if seed else None
+    options = _augment_options(domain_config) if seed and views is None else None
+    key = tf.constant(augment.stream_key(seed)) if seed else None
     normalize = make_normalizer(data_config)
 
-    def decode(example):
-        image = tf.io.decode_png(example["image"], channels=3)
-        label = tf.io.decode_png(example["label"], channels=1)
-        base_size = tf.shape(label)[:2]
+    def prepare(image, label, random_scale):
+        """The image and label [H, W] that enter augmentation: the base frame of the views."""
         if size and not random_scale:
             # Images are resized with bicubic filtering, labels with nearest neighbour so that
             # ids stay ids.
             image = resize_image(image, size)
         out_label_size = size if label_size is None else label_size
         if out_label_size and not random_scale:
-            label = tf.image.resize(label, out_label_size, method="nearest")
+            label = augment.resize_nearest(label, out_label_size)
         label = label[..., 0]
         if table is not None:
             # Before augmenting, so that crop padding (255) is not looked up.
             label = tf.gather(table, tf.cast(label, tf.int32))
+        return image, label
+
+    def view(image, label, base_size, view_key, options):
         valid = None
+        box, flip = tf.constant(augment.BASE_BOX), tf.constant(False)
         if options is not None:
-            image, label, valid = augment.augment(
+            image, label, valid, box, flip = augment.augment(
                 tf.cast(image, tf.float32),
                 label,
-                augment.example_seed(key, example["position"]),
+                view_key,
                 base_size=size or base_size,
                 **options,
             )
@@ -181,7 +238,30 @@ def _decode_fn(
             # Padding is zero after normalisation, i.e. the mean colour: DeepLab-style loaders
             # pad the mean-subtracted image, so padding adds no contrast of its own.
             image = tf.where(valid[..., None], image, 0.0)
-        return {"image": image, "label": label}
+        if not seed:
+            return {"image": image, "label": label}
+        return {"image": image, "label": label, "box": box, "flip": flip}
+
+    def decode(example):
+        image = tf.io.decode_png(example["image"], channels=3)
+        label = tf.io.decode_png(example["label"], channels=1)
+        base_size = tf.shape(label)[:2]
+        example_key = None if key is None else augment.example_seed(key, example["position"])
+        if views is None:
+            # Random scaling resamples the original once, by a factor of `size`, instead of
+            # resizing to `size` first and resampling twice.
+            random_scale = bool(options and options["random_scale"])
+            return view(*prepare(image, label, random_scale), base_size, example_key, options)
+        # All views come from one decoding; each view's base frame is the same scene whether
+        # or not it was resized to `size` first (boxes are in normalised coordinates).
+        prepared, out = {}, {}
+        for name, view_options in views.items():
+            random_scale = bool(view_options and view_options["random_scale"])
+            if random_scale not in prepared:
+                prepared[random_scale] = prepare(image, label, random_scale)
+            view_key = augment.view_seed(example_key, name)
+            out[name] = view(*prepared[random_scale], base_size, view_key, view_options)
+        return out
 
     return decode
 
@@ -218,7 +298,8 @@ def train_iterator(
     seed: Sequence[int],
     start: int,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Endless local batches {'image': [b, H, W, 3] float32, 'label': [b, H, W] uint8}.
+    """Endless local batches {'image': [b, H, W, 3] float32, 'label': [b, H, W] uint8,
+    'index': [b] int64 (each example's index in the split), ...}.
 
     Args:
       reader: the stream's examples (`open_reader`).
@@ -238,22 +319,39 @@ def train_iterator(
             global_batch_size=global_batch_size,
             process_slice=process_slice,
         ):
-            yield {**reader[index], "position": position}
+            yield {**reader[index], "position": position, "index": index}
 
     signature = {
         "image": tf.TensorSpec((), tf.string),
         "label": tf.TensorSpec((), tf.string),
         "position": tf.TensorSpec((), tf.int64),
+        "index": tf.TensorSpec((), tf.int64),
     }
     decode = _decode_fn(domain_config, data_config, None, seed=tuple(seed))
+
+    def decode_with_index(example):
+        # The split index lets methods join per-example offline results (pseudo labels).
+        return {**decode(example), "index": example["index"]}
+
     dataset = tf.data.Dataset.from_generator(encoded_examples, output_signature=signature)
     dataset = dataset.map(
-        decode,
+        decode_with_index,
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
     dataset = dataset.batch(local_batch, drop_remainder=True).prefetch(2)
     return dataset.as_numpy_iterator()
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    """(height, width) of a PNG, read from its IHDR chunk (bytes 16-24) without decoding."""
+    if png[:8] != _PNG_SIGNATURE or png[12:16] != b"IHDR":
+        raise ValueError("Expected PNG bytes (evaluation reads image sizes from PNG headers)")
+    width, height = struct.unpack(">II", png[16:24])
+    return height, width
 
 
 def eval_iterator(
@@ -265,43 +363,84 @@ def eval_iterator(
 ) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
     """(number of examples, iterator over local padded batches) of the evaluation split.
 
-    Every example appears exactly once; the last batch is padded with zero images whose labels
-    are all `IGNORE_LABEL`, so padding never enters the confusion matrix. Labels are kept at
+    Batches {'image': [b, H, W, 3] float32, 'label': [b, h, w] uint8, 'valid': [b] bool}.
+    Every example appears exactly once, in split order. Consecutive examples of equal (image,
+    label) shape share a global batch; a batch that ends early (at a shape change or at the
+    end) is padded with zero images whose labels are all `IGNORE_LABEL` (so padding never
+    enters the confusion matrix) and `valid` False. Labels are kept at
     `eval_config.label_size` (the original resolution when empty) while images are resized to
     `eval_config.size`, as in the Cityscapes protocol (1024x512 input, 2048x1024 labels).
+
+    When both sizes are set every shape is known and each process reads only its examples;
+    otherwise shapes come from the PNG headers of all examples of each global batch, so that
+    every process forms the same batches.
     """
     local_batch, process_slice = _process_batch_slice(global_batch_size)
-    num_batches = -(-len(reader) // global_batch_size)
+    size, label_size = tuple(eval_config.size or ()), tuple(eval_config.label_size or ())
+    fixed_shapes = (size, label_size) if size and label_size else None
+    read = {}  # Examples read for their headers, until their batch is yielded.
+
+    def shapes(index: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """((height, width) of the image, of the label) after decoding example `index`."""
+        if fixed_shapes:
+            return fixed_shapes
+        read[index] = example = reader[index]
+        return size or _png_size(example["image"]), label_size or _png_size(example["label"])
+
+    def global_batches():
+        """(example indices, their shapes) of each global batch, in split order."""
+        batch, batch_shapes = [], None
+        for index in range(len(reader)):
+            example_shapes = shapes(index)
+            if batch and (example_shapes != batch_shapes or len(batch) == global_batch_size):
+                yield batch, batch_shapes
+                batch = []
+            batch.append(index)
+            batch_shapes = example_shapes
+        if batch:
+            yield batch, batch_shapes
 
     def encoded_examples():
-        for b in range(num_batches):
-            for i in range(b * global_batch_size, (b + 1) * global_batch_size)[process_slice]:
-                if i < len(reader):
-                    yield {**reader[i], "valid": True}
-                else:
-                    yield {"image": b"", "label": b"", "valid": False}
+        for batch, (image_shape, label_shape) in global_batches():
+            padded = batch + [None] * (global_batch_size - len(batch))
+            for index in padded[process_slice]:
+                example = {"image": b"", "label": b""}
+                if index is not None:
+                    example = read.get(index) or reader[index]
+                yield {
+                    **example,
+                    "valid": index is not None,
+                    "image_shape": image_shape,
+                    "label_shape": label_shape,
+                }
+            for index in batch:
+                read.pop(index, None)
 
     # () keeps the labels at their original resolution; only the image is resized.
-    decode = _decode_fn(eval_config, data_config, tuple(eval_config.label_size or ()))
-    first = decode(reader[0])
-    image_shape, label_shape = first["image"].shape, first["label"].shape
+    decode = _decode_fn(eval_config, data_config, label_size)
 
     def decode_or_pad(example):
-        return tf.cond(
+        decoded = tf.cond(
             example["valid"],
             lambda: decode({"image": example["image"], "label": example["label"]}),
             lambda: {
-                "image": tf.zeros(image_shape, tf.float32),
-                "label": tf.fill(label_shape, tf.constant(labels_lib.IGNORE_LABEL, tf.uint8)),
+                "image": tf.zeros(tf.concat([example["image_shape"], [3]], 0), tf.float32),
+                "label": tf.fill(
+                    example["label_shape"], tf.constant(labels_lib.IGNORE_LABEL, tf.uint8)
+                ),
             },
         )
+        return {**decoded, "valid": example["valid"]}
 
     signature = {
         "image": tf.TensorSpec((), tf.string),
         "label": tf.TensorSpec((), tf.string),
         "valid": tf.TensorSpec((), tf.bool),
+        "image_shape": tf.TensorSpec((2,), tf.int32),
+        "label_shape": tf.TensorSpec((2,), tf.int32),
     }
     dataset = tf.data.Dataset.from_generator(encoded_examples, output_signature=signature)
     dataset = dataset.map(decode_or_pad, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # Every run of local_batch elements is one batch, all of one shape (`global_batches`).
     dataset = dataset.batch(local_batch, drop_remainder=True).prefetch(2)
     return len(reader), dataset.as_numpy_iterator()

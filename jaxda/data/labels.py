@@ -1,7 +1,7 @@
 """Label spaces: Cityscapes train ids, class names, palette and id maps.
 
 Every dataset in jaxda is trained and evaluated in the Cityscapes 19-class train-id space
-(ids 0..18, 255 = ignore), as every DeepLabV2-era UDA method does (methods.md section 9).
+(ids 0..18, 255 = ignore), as every DeepLabV2-era UDA method does (docs/methods/datasets.md).
 """
 
 import numpy as np
@@ -85,7 +85,8 @@ CITYSCAPES_LABEL_TO_TRAIN_ID = {
 CITYSCAPES_TRAIN_ID_TO_LABEL_ID = {t: i for i, t in CITYSCAPES_LABEL_TO_TRAIN_ID.items()}
 
 
-# SYNTHIA (RAND-CITYSCAPES) class id -> train id (methods.md 9: MaxSquare, da-sac, RobustNet);
+# SYNTHIA (RAND-CITYSCAPES) class id -> train id (docs/methods/datasets.md: MaxSquare, da-sac,
+# RobustNet);
 # 0 void, 13 parking-slot, 14 road-work, 22 lane-marking and every other id -> ignore.
 SYNTHIA_TO_TRAIN_ID = {
     1: 10,

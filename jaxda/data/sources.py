@@ -10,8 +10,10 @@ therefore resumable exactly (see `input_pipeline`).
 import os
 from collections.abc import Sequence
 
+import jax
 import tensorflow_datasets as tfds
 from absl import logging
+from jax.experimental import multihost_utils
 
 from jaxda.data.builders import (  # noqa: F401  (importing registers the builders)
     cityscapes,
@@ -73,11 +75,20 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
         builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     except tfds.core.registered.DatasetNotFoundError:
         raise DatasetNotPreparedError(_not_prepared_message(name, data_dir)) from None
+    built_in = name.split("/", maxsplit=1)[0] in BUILT_IN
     if not builder.is_prepared():
-        if name.split("/", maxsplit=1)[0] not in BUILT_IN:
+        if not built_in:
             raise DatasetNotPreparedError(_not_prepared_message(name, data_dir))
-        logging.info("Generating the built-in dataset %s into %s (once).", name, data_dir)
-        builder.download_and_prepare()
+        # One process generates; the others wait for it below instead of writing the same
+        # files at once.
+        if jax.process_index() == 0:
+            logging.info("Generating the built-in dataset %s into %s (once).", name, data_dir)
+            builder.download_and_prepare()
+    if built_in and jax.process_count() > 1:
+        # Every process passes here for every built-in dataset it opens, prepared or not, so
+        # the barrier counts agree even if processes saw the files at different moments.
+        multihost_utils.sync_global_devices(f"jaxda: built-in dataset {name} ready")
+        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     return builder
 
 

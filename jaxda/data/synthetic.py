@@ -21,6 +21,7 @@ between CPUs / SIMD paths. No ignore (255) pixels are produced.
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -406,17 +407,21 @@ def _blur_axis(img: np.ndarray, radius: float, axis: int) -> np.ndarray:
     return out if axis == 0 else out.swapaxes(0, 1)
 
 
-# A fixed table of standard normals: slicing it at a random offset is ~10x cheaper than
-# drawing fresh per-pixel Gaussians, which alone would exceed the time budget.
-_NOISE_TABLE = np.random.default_rng(20240607).standard_normal(1 << 20, dtype=np.float32)
+@functools.cache
+def _noise_table() -> np.ndarray:
+    """A fixed table of standard normals: slicing it at a random offset is ~10x cheaper than
+    drawing fresh per-pixel Gaussians, which alone would exceed the time budget. Built on
+    first use (4 MB), so that importing this module (configs do) costs nothing."""
+    return np.random.default_rng(20240607).standard_normal(1 << 20, dtype=np.float32)
 
 
 def _table_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """Standard-normal float32 noise of `shape`, a window of the table at a random offset."""
-    n, off = int(np.prod(shape)), int(rng.integers(_NOISE_TABLE.size))
-    if off + n <= _NOISE_TABLE.size:
-        return _NOISE_TABLE[off : off + n].reshape(shape)
-    return np.resize(np.concatenate([_NOISE_TABLE[off:], _NOISE_TABLE[:off]]), n).reshape(shape)
+    table = _noise_table()
+    n, off = int(np.prod(shape)), int(rng.integers(table.size))
+    if off + n <= table.size:
+        return table[off : off + n].reshape(shape)
+    return np.resize(np.concatenate([table[off:], table[:off]]), n).reshape(shape)
 
 
 def _render(cv: _Canvas, style: DomainStyle, hz: float) -> np.ndarray:
