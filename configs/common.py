@@ -52,7 +52,8 @@ def domain(name: str, split: str, size=None, label_map: str = "") -> ml_collecti
     """One input stream: a TFDS dataset split, resized to `size` = (height, width) if given.
 
     The augmentation keys act on training streams only (evaluation is never augmented) and are
-    all off by default, as in AdaptSegNet and ADVENT (methods.md 1, 2). Each example's draws
+    all off by default, as in AdaptSegNet and ADVENT (docs/methods/adaptsegnet.md, advent.md). Each
+    example's draws
     depend only on (stream seed, stream position), so resumed runs see the same augmentations.
     """
     return ml_collections.ConfigDict(
@@ -74,6 +75,15 @@ def domain(name: str, split: str, size=None, label_map: str = "") -> ml_collecti
             "blur_sigma": (0.0, 1.0),  # ... with std ~ U(min, max) pixels (MaxSquare: (0, 1)).
             # s > 0: brightness, contrast and saturation factors ~ U(1 - s, 1 + s).
             "color_jitter": 0.0,
+            # Named views of each training example (ProDA's weak/strong, DA-SAC's zoom-crops):
+            # {name: {overrides of the augmentation keys above}}. Each view draws from (stream
+            # seed, position, name); examples become {name: {'image', 'label', 'box', 'flip'}},
+            # where box/flip place the view in the example's frame (jaxda.data.geometry).
+            # {} = one view, as configured above.
+            "views": {},
+            # An offline pass directory (e.g. 'stage:pseudo_labels'): its outputs are joined
+            # to this stream's examples by example index, as example[output].
+            "artifacts": "",
         }
     )
 
@@ -92,6 +102,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 5000
     c.keep_checkpoints = 2
     c.init_from = ""  # A workdir or checkpoint step directory to load the network from.
+    # Per network: 'PATH', ('PATH', 'REGEX') for the variables whose path matches, or
+    # 'copy:NAME' (jaxda/train/initialization.py). init_from is short for init.seg.
+    c.init = ml_collections.ConfigDict({})
+    # Multi-stage methods (jaxda/train/stages.py): stage names in order, {name: overrides},
+    # and the one stage to run alone ('' = all, skipping finished ones).
+    c.stage_order = ()
+    c.stages = ml_collections.ConfigDict({})
+    c.stage = ""
+    # Offline pass of a stage (jaxda/train/offline.py): its name ('' = a training stage), the
+    # config.data stream it reads in split order, and its global batch size.
+    c.offline = ml_collections.ConfigDict({"pass": "", "stream": "target", "batch_size": 8})
     c.deterministic_gpu_ops = True  # Bit-reproducible GPU runs, at some speed cost.
 
     c.model = ml_collections.ConfigDict(
@@ -113,19 +134,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict({"lambda_seg_aux": 0.1})
     c.optimizer = ml_collections.ConfigDict(
         {
+            "name": "sgd",
             "learning_rate": 2.5e-4,
-            "head_lr_multiplier": 10.0,
+            # Per parameter group that the model declares (DeepLabV2: backbone, head).
+            "lr_multipliers": {"backbone": 1.0, "head": 10.0},
+            "weight_decay_multipliers": {},  # Group -> multiplier; 1 when absent.
             "momentum": 0.9,
             "weight_decay": 5e-4,
             "poly_power": 0.9,
             "decay_steps": 250_000,  # Poly horizon; AdaptSegNet stops at 150k of 250k.
-            # Regexes over '/'-joined segmentation parameter paths that get no update.
+            # Regexes over '/'-joined segmentation parameter paths that get no update ...
             "freeze": (),
+            # ... and, if given, the only parameters that get one (TENT: BN scale/offset).
+            "train_only": (),
         }
     )
     c.disc_optimizer = ml_collections.ConfigDict(
         {
+            "name": "adam",
             "learning_rate": 1e-4,
+            "lr_multipliers": {"all": 1.0},
             "beta1": 0.9,
             "beta2": 0.99,
             "poly_power": 0.9,

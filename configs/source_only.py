@@ -1,7 +1,7 @@
 r"""Source-only baseline: DeepLabV2-R101 trained on GTA5 labels, evaluated on Cityscapes val.
 
 The lower bound of every adaptation table: CE on the main head + 0.1 x CE on the aux head,
-exactly AdaptSegNet's segmentation loss without the adversarial part (methods.md section 1).
+exactly AdaptSegNet's segmentation loss without the adversarial part (docs/methods/adaptsegnet.md).
 
   python -m launch.main --config=configs/source_only.py --workdir=/tmp/source_only
   python -m launch.main --config=configs/source_only.py:source=synthia --workdir=/tmp/so_syn

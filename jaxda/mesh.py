@@ -6,6 +6,9 @@ XLA inserts the all-reduces, and BatchNorm statistics are computed over the glob
 1 and N devices compute the same update for the same global batch.
 """
 
+import collections
+from collections.abc import Iterator
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -43,3 +46,21 @@ def to_global(batch, mesh: Mesh):
     """Process-local numpy batch (a pytree) -> global jax arrays sharded over 'data'."""
     sharding = batch_sharded(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def replicate_abstract(tree, mesh: Mesh):
+    """ShapeDtypeStructs of `tree` (arrays or abstract values), replicated over `mesh`."""
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def prefetch_to_mesh(batches: Iterator, mesh: Mesh, size: int = 1) -> Iterator:
+    """Global device batches of `batches`, `size` transfers ahead of the consumer, so that a
+    batch is copied to the devices while the previous step runs."""
+    queue = collections.deque()
+    for batch in batches:
+        queue.append(to_global(batch, mesh))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()

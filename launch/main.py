@@ -10,6 +10,7 @@ This file is intentionally short: all logic lives in the importable `jaxda` libr
 
 import logging as std_logging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -51,9 +52,10 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")
     import jax
 
+    from jaxda import checkpoints
     from jaxda.evaluation import predict
     from jaxda.evaluation import run as eval_run
-    from jaxda.train import trainer
+    from jaxda.train import stages
 
     logging.info(
         "JAX devices: %s (process %d of %d)",
@@ -61,14 +63,22 @@ def main(argv):
         jax.process_index(),
         jax.process_count(),
     )
-    if FLAGS.mode == "train":
-        trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.mode == "eval":
-        eval_run.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
-    else:
-        predict.predict(
-            FLAGS.config, FLAGS.workdir, FLAGS.input, FLAGS.output, save_logits=FLAGS.save_logits
-        )
+    try:
+        if FLAGS.mode == "train":  # Every stage of a multi-stage config, or its only one.
+            stages.run(FLAGS.config, FLAGS.workdir)
+        elif FLAGS.mode == "eval":
+            eval_run.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+        else:
+            predict.predict(
+                FLAGS.config,
+                FLAGS.workdir,
+                FLAGS.input,
+                FLAGS.output,
+                save_logits=FLAGS.save_logits,
+            )
+    except checkpoints.CheckpointMismatchError as error:
+        # Unreadable or mismatched checkpoints: the message says what to do; no traceback.
+        sys.exit(f"launch.main: error: {error}")
 
 
 if __name__ == "__main__":

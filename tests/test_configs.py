@@ -8,6 +8,7 @@ import pytest
 from configs import adaptseg, advent, common, maxsquare, minent, oracle, source_only, tent
 from jaxda import mesh as mesh_lib
 from jaxda.data import sources
+from jaxda.train import adversarial as adversarial_lib
 from jaxda.train import trainer
 
 VARIANTS = {
@@ -27,13 +28,15 @@ VARIANTS = {
 @pytest.mark.parametrize(("module", "arg"), [(m, a) for m, args in VARIANTS.items() for a in args])
 def test_config_builds(module, arg):
     config = module.get_config(arg)
-    if module is tent:  # Test-time adaptation: no train state, a loop of its own.
-        assert trainer.methods.get(config.method).run is not None
-        assert config.tent.update_bn_affine == ("norm" not in arg)
-        return
     setup = trainer.build(config, mesh_lib.make_mesh(1))
-    heads = setup.method.discriminator_heads(config)
-    assert set(setup.abstract_state.params["disc"]) == set(heads)
+    if module is tent:  # Test-time adaptation on the evaluation split.
+        assert setup.method.test_time
+        assert config.optimizer.freeze == ((".*",) if "norm" in arg else ())
+        assert ("source" in setup.abstract_state.teachers) == ("episodic" in arg)
+        return
+    adversarial = module in (adaptseg, advent)
+    heads = adversarial_lib.discriminator_heads(config) if adversarial else ()
+    assert set(setup.abstract_state.params.get("disc", {})) == set(heads)
     if "single" in arg:
         assert heads == ("main",) and "head_aux" not in setup.abstract_state.params["seg"]
 

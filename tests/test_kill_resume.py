@@ -44,7 +44,7 @@ def _final_params(workdir, data_dir):
     variables, _ = checkpoints.restore_model_variables(
         checkpoints.find_step_dir(workdir),
         setup.abstract_state.model_variables(),
-        json.loads(config.model.to_json()),
+        checkpoints.model_meta(config.model),
     )
     return jax.device_get(variables)
 

@@ -20,6 +20,8 @@ from jaxda.data import input_pipeline
 from jaxda.data import labels as labels_lib
 from jaxda.evaluation import inference, metrics, visualize
 
+RESULTS_FILE = "results.json"  # A run's summary, in its workdir.
+
 
 class Evaluator:
     """Evaluation of one head on the evaluation split, with the inference mode of
@@ -94,13 +96,16 @@ class Evaluator:
                 members, weights, batch["image"], batch["label"]
             )
             total += np.asarray(jax.device_get(confusion), np.int64)
-            if collected < num_visuals:
+            # Mixed image sizes: visuals of the first size only, without padded examples.
+            size = visuals["image"][0].shape[1:] if visuals else batch["image"].shape[1:]
+            if collected < num_visuals and batch["image"].shape[1:] == size:
+                real = multihost_utils.process_allgather(batch["valid"], tiled=True)
                 for key, value in (
                     ("image", batch["image"]),
                     ("label", batch["label"]),
                     ("prediction", predictions),
                 ):
-                    visuals[key].append(multihost_utils.process_allgather(value, tiled=True))
+                    visuals[key].append(multihost_utils.process_allgather(value, tiled=True)[real])
                 collected += len(visuals["image"][-1])
         visuals = {k: np.concatenate(v)[:num_visuals] for k, v in visuals.items()}
         return total, num_examples, visuals
@@ -120,19 +125,8 @@ class Evaluator:
             num_visuals = self._config.eval.num_visuals
         start = time.time()
         confusion, num_examples, examples = self.confusion(variables, weights, num_visuals)
-        names = labels_lib.CITYSCAPES_CLASSES[: self._num_classes]
-        results = metrics.summarize(
-            confusion,
-            names,
-            self.evaluated_classes,
-            subsets=dict(self._config.eval.class_subsets or {}),
-        )
-        results.update(
-            step=int(step),
-            num_examples=num_examples,
-            protocol=self.protocol,
-            seconds=round(time.time() - start, 2),
-        )
+        results = self.results_from_confusion(confusion, step, num_examples)
+        results["seconds"] = round(time.time() - start, 2)
         logging.info(
             "Evaluated step %d on %d examples: mIoU %.2f", step, num_examples, results["miou"]
         )
@@ -142,6 +136,21 @@ class Evaluator:
                 examples["image"], examples["prediction"], examples["label"], self._config.data
             )
         return results, images
+
+    def results_from_confusion(self, confusion: np.ndarray, step: int, num_examples=None) -> dict:
+        """JSON-able results of an int64 [C, C] confusion matrix: mIoU (%) over the evaluated
+        classes, the named subsets, per-class IoU, the step and the protocol."""
+        names = labels_lib.CITYSCAPES_CLASSES[: self._num_classes]
+        results = metrics.summarize(
+            confusion,
+            names,
+            self.evaluated_classes,
+            subsets=dict(self._config.eval.class_subsets or {}),
+        )
+        results.update(step=int(step), protocol=dict(self.protocol))
+        if num_examples is not None:
+            results["num_examples"] = num_examples
+        return results
 
 
 def write_results(results: dict, path: str) -> None:

@@ -1,12 +1,9 @@
 """Evaluate a saved checkpoint (`--mode=eval`): restore with orbax, evaluate, report."""
 
 import dataclasses
-import json
 import os
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 
 from jaxda import checkpoints, models
@@ -32,14 +29,8 @@ def restore_networks(config: ml_collections.ConfigDict, workdir: str, mesh) -> N
     `config.eval.ensemble` ('WORKDIR:WEIGHT' entries), the latest checkpoints of those
     workdirs with their weights; variables replicated over `mesh`."""
     model = models.build_segmenter(config.model, config.num_classes)
-    abstract = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
-    )
-    replicated = mesh_lib.replicated(mesh)
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
-    )
-    model_config = json.loads(config.model.to_json())
+    abstract = mesh_lib.replicate_abstract(models.abstract_variables(model), mesh)
+    model_config = checkpoints.model_meta(config.model)
     if not config.eval.ensemble:
         step_dir = checkpoints.find_step_dir(workdir, config.eval.step)
         variables, meta = checkpoints.restore_model_variables(step_dir, abstract, model_config)

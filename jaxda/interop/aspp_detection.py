@@ -1,6 +1,6 @@
 """Which ASPP branches a released head was trained with (NumPy only).
 
-The ASPP-sum bug (methods.md section 0): AdaptSegNet's and MaxSquare's heads return after summing
+The ASPP-sum bug (docs/methods/README.md): AdaptSegNet's and MaxSquare's heads return after summing
 branches 0 and 1, so in their checkpoints branches 2 and 3 never trained and still look like
 their N(0, 0.01) initialisation. `detect_aspp_branches` tells such heads apart (see
 `looks_like_deeplab_init` for the thresholds); a disagreement with the model's

@@ -22,7 +22,6 @@ PyTorch is needed only here, imported when a file is read: pip install -e '.[tor
 """
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from flax import traverse_util
 
 from jaxda import checkpoints, models
 from jaxda.interop import layouts, torch_layouts
@@ -38,7 +38,6 @@ from jaxda.interop.layouts import ConversionError
 from jaxda.interop.torch_layouts import ConversionReport
 
 DISCRIMINATOR_SUBDIR = "discriminator"
-_INIT_SIZE = (64, 64)  # Dummy input of the initialisation; shapes do not depend on it.
 
 __all__ = [
     "ConversionError",
@@ -105,29 +104,25 @@ def _init(module, key, dummy) -> dict:
     return jax.device_get(_jitted_init(jax.default_backend() == "cpu")(module, key, dummy))
 
 
-def _model_meta(config) -> dict:
-    return json.loads(config.model.to_json())
-
-
 def init_segmenter(config: ml_collections.ConfigDict) -> dict:
     """The config's network, initialised as a training run of it would (`state.create`: the
-    first of three keys split from `config.seed`), as NumPy arrays."""
+    segmentation network's key of `models.network_keys`), as NumPy arrays."""
     model = models.build_segmenter(config.model, config.num_classes)
-    model_key = jax.random.split(jax.random.key(config.seed), 3)[0]
-    return _init(model, model_key, jnp.zeros((1, *_INIT_SIZE, 3), jnp.float32))
+    model_key = models.network_keys(jax.random.key(config.seed))[0]
+    return _init(model, model_key, jnp.zeros((1, *models.INIT_SIZE, 3), jnp.float32))
 
 
 def init_discriminator(config: ml_collections.ConfigDict) -> dict:
     """FCDiscriminator({'width': config.discriminator.width}) params for num_classes inputs."""
     disc = models.build_discriminator(config.discriminator)
-    key = jax.random.fold_in(jax.random.split(jax.random.key(config.seed), 3)[1], 0)
-    return _init(disc, key, jnp.zeros((1, *_INIT_SIZE, config.num_classes), jnp.float32))
+    key = jax.random.fold_in(models.network_keys(jax.random.key(config.seed))[1], 0)
+    return _init(disc, key, jnp.zeros((1, *models.INIT_SIZE, config.num_classes), jnp.float32))
 
 
 def _merge(initial: dict, loaded: dict) -> dict:
-    flat = torch_layouts.flatten(initial)
+    flat = traverse_util.flatten_dict(initial)
     flat.update(loaded)
-    return torch_layouts.unflatten(flat)
+    return traverse_util.unflatten_dict(flat)
 
 
 def convert_segmenter(
@@ -211,7 +206,7 @@ def convert_file(
         obj, config, layout=layout, skip_head=skip_head, check_aspp=check_aspp
     )
     report.source = str(path)
-    meta |= {"model": _model_meta(config), "report": report.to_dict()}
+    meta |= {"model": checkpoints.model_meta(config.model), "report": report.to_dict()}
     checkpointer = checkpoints.Checkpointer(str(out), keep=1)
     checkpointer.save(0, {"model": jax.tree.map(jnp.asarray, variables)}, meta)
     checkpointer.wait()
@@ -234,11 +229,8 @@ def save_discriminator(out: str, params: dict, meta: dict) -> None:
 
 def restore_discriminator(out: str, config: ml_collections.ConfigDict) -> tuple[dict, dict]:
     """(FCDiscriminator params, meta) written by `convert_file` under `out`."""
-    abstract = jax.eval_shape(
-        lambda: models.build_discriminator(config.discriminator).init(
-            jax.random.key(0), jnp.zeros((1, *_INIT_SIZE, config.num_classes))
-        )["params"]
-    )
+    disc = models.build_discriminator(config.discriminator)
+    abstract = models.abstract_variables(disc, config.num_classes)["params"]
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         restored = ckptr.restore(
             epath.Path(out) / DISCRIMINATOR_SUBDIR,

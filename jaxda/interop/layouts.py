@@ -1,4 +1,5 @@
-"""The key layouts of the DeepLabV2-era UDA code's PyTorch checkpoints (methods.md, "Checkpoint
+"""The key layouts of the DeepLabV2-era UDA code's PyTorch checkpoints
+(docs/methods/checkpoints.md, "Checkpoint
 key layouts"), their containers, and detection of the layout from the keys (NumPy only).
 
 Layouts (`LAYOUTS`, auto-detected from the keys by `detect_layout`, or named with --layout):

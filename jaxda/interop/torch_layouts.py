@@ -1,6 +1,7 @@
 """PyTorch checkpoints of the DeepLabV2-era UDA code -> jaxda's Flax variables (NumPy only).
 
-This module knows the key layouts of the released checkpoints (reference: methods.md,
+This module knows the key layouts of the released checkpoints (reference:
+docs/methods/checkpoints.md,
 "Checkpoint key layouts") and maps a flat state dict (name -> array) onto the variables of
 `jaxda.models.deeplab_v2.DeepLabV2` or `jaxda.models.discriminators.FCDiscriminator`. It never
 imports torch: `jaxda.interop.convert` reads the files and hands the arrays over.
@@ -19,6 +20,7 @@ import re
 from collections.abc import Mapping
 
 import numpy as np
+from flax import traverse_util
 
 from jaxda.interop.aspp_detection import detect_aspp_branches
 from jaxda.interop.layouts import LAYOUTS, ConversionError, Layout, detect_layout, strip_module
@@ -86,27 +88,6 @@ class ConversionReport:
 
 # ------------------------------------------------------------------------------------------
 # Mapping.
-
-
-def flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, object]:
-    """{('params', 'backbone', 'conv1', 'kernel'): leaf} of a nested dict."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, (*prefix, key)))
-        else:
-            flat[(*prefix, key)] = value
-    return flat
-
-
-def unflatten(flat: Mapping[tuple, object]) -> dict:
-    tree = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
 
 
 def _path_str(path: tuple) -> str:
@@ -201,7 +182,7 @@ def map_state_dict(
     if layout not in LAYOUTS:
         raise ConversionError(f"Unknown layout {layout!r}; known: {sorted(LAYOUTS)}")
     spec = LAYOUTS[layout]
-    targets = flatten(target)
+    targets = traverse_util.flatten_dict(target)
     is_discriminator = spec.kind == "discriminator"
     if is_discriminator != ("backbone" not in target.get("params", {})):
         kind = "a discriminator" if is_discriminator else "a segmentation network"

@@ -1,4 +1,4 @@
-"""A PyTorch DeepLabV2 and output-space discriminator, written from the reference (methods.md).
+"""A PyTorch DeepLabV2 and output-space discriminator, written from docs/methods/README.md.
 
 For numerical parity tests of jaxda's Flax models and for speed comparisons; nothing else in
 jaxda imports this module. Module names follow AdaptSegNet's `ResNetMulti`, so `state_dict()` is
@@ -7,7 +7,8 @@ in the `deeplab_multi` layout (single-level: `Res_Deeplab`'s, layout `deeplab_si
   conv1, bn1, layer1..layer4 (Bottleneck: conv1/bn1/conv2/bn2/conv3/bn3, block 0 also
   downsample.0 (conv) / downsample.1 (BN)), layer5 / layer6 (ASPP: conv2d_list.0..3)
 
-The Caffe ResNet (methods.md section 0): the 7x7 stride-2 stem and a ceil-mode 3x3 stride-2
+The Caffe ResNet (docs/methods/README.md, "Backbone"): the 7x7 stride-2 stem and a ceil-mode 3x3
+stride-2
 max-pool; bottleneck stride in the first 1x1 conv; layer2 stride 2, layer3 / layer4 stride 1
 with dilation 2 / 4 (output stride 8); a projection shortcut in block 0 of every layer. The ASPP
 classifier holds four dilated 3x3 convs (with bias) and sums the first `num_aspp_branches`

@@ -1,4 +1,5 @@
-"""MaxSquare losses (Chen et al., ICCV 2019) as the official code computes them (methods.md 3)."""
+"""MaxSquare losses (Chen et al., ICCV 2019) as the official code computes them
+(docs/methods/maxsquare.md)."""
 
 import jax
 import jax.numpy as jnp

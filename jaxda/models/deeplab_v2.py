@@ -2,13 +2,15 @@
 
 The ASPP classifier sums four dilated 3x3 convolutions. AdaptSegNet and MaxSquare return from
 inside the summation loop, so their released checkpoints were trained with only the first two
-branches; `num_aspp_branches=2` reproduces them (methods.md "ASPP-sum bug").
+branches; `num_aspp_branches=2` reproduces them (docs/methods/README.md, "ASPP-sum bug").
 """
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
+import ml_collections
 
 from jaxda.models import layers, resnet
 
@@ -52,6 +54,13 @@ class DeepLabV2(nn.Module):
         frozen). False keeps BN on running statistics in training too ("fully frozen").
     """
 
+    # Learning-rate groups (see `jaxda.models.param_groups`): the classifiers are new layers.
+    param_groups: ClassVar[dict[str, str]] = {
+        "backbone": "backbone",
+        "head_main": "head",
+        "head_aux": "head",
+    }
+
     num_classes: int = 19
     stage_sizes: Sequence[int] = resnet.STAGE_SIZES[101]
     width: int = 64
@@ -61,11 +70,16 @@ class DeepLabV2(nn.Module):
     train_batch_stats: bool = True
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    def __call__(
+        self, images: jax.Array, train: bool = False, bn_mask: jax.Array | None = None
+    ) -> dict[str, jax.Array]:
         """[N, H, W, 3] -> {'main': [N, h, w, classes], 'aux': ...} at output stride 8.
 
         'aux' is present only with `multi_level`. With `train=True` and `train_batch_stats`,
-        call `apply(..., mutable=['batch_stats'])`.
+        call `apply(..., mutable=['batch_stats'])`. The backbone features 'layer1'..'layer4'
+        are sown into the 'intermediates' collection (`mutable=['intermediates']` returns
+        them; prototypes, whitening and distillation losses read them). `bn_mask`: [N] bool,
+        the images whose batch statistics count (see `resnet.ResNet`).
         """
         use_running_average = not (train and self.train_batch_stats)
         features = resnet.ResNet(
@@ -73,7 +87,9 @@ class DeepLabV2(nn.Module):
             width=self.width,
             use_running_average=use_running_average,
             name="backbone",
-        )(images)
+        )(images, bn_mask)
+        for name, value in features.items():
+            self.sow("intermediates", name, value)
 
         def head(name):
             return ASPPClassifier(
@@ -84,6 +100,28 @@ class DeepLabV2(nn.Module):
         if self.multi_level:
             outputs["aux"] = head("head_aux")(features["layer3"])
         return outputs
+
+    @classmethod
+    def from_config(cls, model_config: ml_collections.ConfigDict, num_classes: int):
+        """From config.model: depth (or stage_sizes), width, aspp_dilations,
+        num_aspp_branches, multi_level, bn_mode ('frozen' keeps running statistics)."""
+        stage_sizes = model_config.stage_sizes
+        if stage_sizes is None:
+            if model_config.depth not in resnet.STAGE_SIZES:
+                raise ValueError(
+                    f"config.model.depth={model_config.depth} is not one of "
+                    f"{sorted(resnet.STAGE_SIZES)}; set config.model.stage_sizes for another depth"
+                )
+            stage_sizes = resnet.STAGE_SIZES[model_config.depth]
+        return cls(
+            num_classes=num_classes,
+            stage_sizes=tuple(stage_sizes),
+            width=model_config.width,
+            aspp_dilations=tuple(model_config.aspp_dilations),
+            num_aspp_branches=model_config.num_aspp_branches,
+            multi_level=model_config.multi_level,
+            train_batch_stats=model_config.bn_mode != "frozen",
+        )
 
 
 def output_size(size: int) -> int:

@@ -1,9 +1,11 @@
 """The fully-convolutional output-space discriminator of AdaptSegNet and ADVENT."""
 
 import functools
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
+import ml_collections
 
 from jaxda.models import layers
 
@@ -18,7 +20,15 @@ class FCDiscriminator(nn.Module):
       width: channels of the first conv (64 in the published models).
     """
 
+    _LAYERS = ("conv1", "conv2", "conv3", "conv4", "classifier")
+    # One learning-rate group (see `jaxda.models.param_groups`).
+    param_groups: ClassVar[dict[str, str]] = dict.fromkeys(_LAYERS, "all")
+
     width: int = 64
+
+    @classmethod
+    def from_config(cls, disc_config: ml_collections.ConfigDict):
+        return cls(width=disc_config.width)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -29,8 +39,7 @@ class FCDiscriminator(nn.Module):
                 "raise the stream's size in config.data."
             )
         widths = (self.width, self.width * 2, self.width * 4, self.width * 8, 1)
-        names = ("conv1", "conv2", "conv3", "conv4", "classifier")
-        for i, (features, name) in enumerate(zip(widths, names, strict=True)):
+        for i, (features, name) in enumerate(zip(widths, self._LAYERS, strict=True)):
             fan_in = x.shape[-1] * 16
             x = nn.Conv(
                 features,

@@ -27,7 +27,8 @@ def _align_corners_matrix(in_size: int, out_size: int) -> np.ndarray:
 def resize_bilinear_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     """Bilinear resize with PyTorch `align_corners=True` semantics.
 
-    Every DeepLabV2-era UDA method upsamples logits this way (methods.md); `jax.image.resize`
+    Every DeepLabV2-era UDA method upsamples logits this way (docs/methods/README.md);
+    `jax.image.resize`
     uses half-pixel centres (align_corners=False), which shifts every output pixel. Written as
     two small matrix products (rows, then columns): on CPU their gradient is several times
     faster than the scatter-add that gradients of a gather-based resize need, and on

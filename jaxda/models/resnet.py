@@ -1,6 +1,6 @@
 """ResNet in the DeepLab-v2 (Caffe) form used by AdaptSegNet, ADVENT, MaxSquare, ProDA, DA-SAC.
 
-Differences from torchvision's ResNet (methods.md section 0): the stride of a bottleneck sits in
+Differences from torchvision's ResNet (docs/methods/README.md): the stride of a bottleneck sits in
 its first 1x1 conv; the stem max-pool uses `ceil_mode=True`; layer3 and layer4 keep stride 1 and
 use dilation 2 and 4 (output stride 8); every layer's block 0 has a projection shortcut.
 Spatial sizes follow PyTorch's arithmetic exactly: 512x1024 -> 65x129 at layer4.
@@ -41,9 +41,10 @@ class Bottleneck(nn.Module):
     use_running_average: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, bn_mask: jax.Array | None = None) -> jax.Array:
         def bn(name):
-            return layers.batch_norm(name, use_running_average=self.use_running_average)
+            norm = layers.batch_norm(name, use_running_average=self.use_running_average)
+            return lambda y: norm(y, mask=bn_mask)
 
         residual = x
         y = nn.relu(bn("bn1")(_conv(self.planes, 1, stride=self.stride, name="conv1")(x)))
@@ -70,10 +71,16 @@ class ResNet(nn.Module):
     use_running_average: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
-        """[N, H, W, 3] -> {'layer1'..'layer4': [N, h, w, channels]} (layer3/4 at stride 8)."""
+    def __call__(self, x: jax.Array, bn_mask: jax.Array | None = None) -> dict[str, jax.Array]:
+        """[N, H, W, 3] -> {'layer1'..'layer4': [N, h, w, channels]} (layer3/4 at stride 8).
+
+        bn_mask: optional [N] bool: batch statistics are taken over these images only (the
+        padding of a last, partial evaluation batch must not shift them).
+        """
+        if bn_mask is not None:
+            bn_mask = bn_mask[:, None, None, None]
         x = _conv(self.width, 7, stride=2, name="conv1")(x)
-        x = layers.batch_norm("bn1", use_running_average=self.use_running_average)(x)
+        x = layers.batch_norm("bn1", use_running_average=self.use_running_average)(x, mask=bn_mask)
         x = layers.max_pool_ceil(nn.relu(x), window=3, stride=2, padding=1)
         features = {}
         # (planes multiplier, stride, dilation) of layer1..layer4: output stride 8.
@@ -89,6 +96,6 @@ class ResNet(nn.Module):
                     project=block == 0,
                     use_running_average=self.use_running_average,
                     name=f"layer{layer_index}_{block}",
-                )(x)
+                )(x, bn_mask)
             features[f"layer{layer_index}"] = x
         return features

@@ -1,7 +1,7 @@
 """Output-space adversarial adaptation: AdaptSegNet (Tsai et al., CVPR 2018) and AdvEnt
 (Vu et al., CVPR 2019), which differ only in what the discriminators see.
 
-One step reproduces the PyTorch iteration (methods.md sections 1 and 2): source CE; the
+One step reproduces the PyTorch iteration (docs/methods/adaptsegnet.md, advent.md): source CE; the
 adversarial loss of the target predictions through the frozen discriminators, with the
 "source" label; the discriminators trained on the detached inputs of both domains; then all
 optimizers step, every gradient taken at the parameters of the start of the step.
@@ -10,7 +10,7 @@ optimizers step, every gradient taken at the parameters of the start of the step
 import jax
 
 from jaxda.losses import entropy
-from jaxda.train import common
+from jaxda.train import common, spec
 
 # What a discriminator sees, from [N, H, W, C] upsampled logits.
 DISCRIMINATOR_INPUTS = {
@@ -28,12 +28,21 @@ def discriminator_heads(config) -> tuple[str, ...]:
     return ("main", "aux") if config.model.multi_level else ("main",)
 
 
+def networks(config) -> dict[str, spec.Network]:
+    """The segmentation network and one discriminator per head ('disc/main', 'disc/aux')."""
+    heads = discriminator_heads(config)
+    return {"seg": spec.segmenter(config), **spec.discriminators(config, heads)}
+
+
 def make_train_step(discriminator_input: str):
     """The adversarial train step whose discriminators see `DISCRIMINATOR_INPUTS[...]`."""
     to_input = DISCRIMINATOR_INPUTS[discriminator_input]
 
-    def train_step(state, batch, *, model, discriminator, tx, config):
+    def train_step(state, batch, *, networks, tx, config):
         """One iteration on {'source': {image, label}, 'target': {image}}."""
+        model = networks["seg"]
+        # One module for every head (the heads differ in their parameters only).
+        discriminator = networks[f"disc/{discriminator_heads(config)[0]}"]
         labels = batch["source"]["label"]
         heads = discriminator_heads(config)
         adv_weights = {head: config.adversarial.lambda_adv[head] for head in heads}
@@ -49,7 +58,7 @@ def make_train_step(discriminator_input: str):
                 source_up, labels, common.source_head_weights(config)
             )
             adv_loss, adv_metrics = common.generator_adversarial_loss(
-                discriminator, state.params["disc"], target_inputs, adv_weights, gan
+                discriminator, common.discriminator_params(state), target_inputs, adv_weights, gan
             )
             aux = (batch_stats, source_inputs, target_inputs, {**metrics, **adv_metrics})
             return seg_loss + adv_loss, aux
@@ -64,7 +73,7 @@ def make_train_step(discriminator_input: str):
             )
 
         (disc_loss, disc_metrics), disc_grads = jax.value_and_grad(disc_loss_fn, has_aux=True)(
-            state.params["disc"]
+            common.discriminator_params(state)
         )
         grads = {"seg": seg_grads, "disc": disc_grads}
         metrics = {"loss": loss + disc_loss, "loss_generator": loss, **metrics, **disc_metrics}

@@ -13,17 +13,28 @@ from jaxda.models.layers import resize_bilinear_align_corners
 from jaxda.train.state import TrainState
 
 
-def forward(model, seg_params, batch_stats, images, *, train: bool):
-    """Runs the segmentation network; in training mode BN may update its running statistics.
+def forward(model, variables: dict, images, *, train: bool, features: bool = False):
+    """Runs a segmentation network; in training mode BN may update its running statistics.
+
+    Args:
+      variables: {'params', 'batch_stats'} of the network.
+      features: also return the backbone features the model sows ('intermediates').
 
     Returns:
-      ({head: [N, h, w, classes] logits at stride 8}, new batch_stats).
+      ({head: [N, h, w, classes] logits at stride 8}, new batch_stats), and with `features`
+      a third element {name: [N, h, w, channels]}.
     """
-    variables = {"params": seg_params, "batch_stats": batch_stats}
-    if train:
-        outputs, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
-        return outputs, updates.get("batch_stats", batch_stats)
-    return model.apply(variables, images, train=False), batch_stats
+    mutable = (["batch_stats"] if train else []) + (["intermediates"] if features else [])
+    if mutable:
+        outputs, updates = model.apply(variables, images, train=train, mutable=mutable)
+    else:
+        outputs, updates = model.apply(variables, images, train=train), {}
+    batch_stats = updates.get("batch_stats", variables.get("batch_stats", {}))
+    if not features:
+        return outputs, batch_stats
+    sown = {k: v[0] for k, v in updates.get("intermediates", {}).get("backbone", {}).items()}
+    sown.update({k: v[0] for k, v in updates.get("intermediates", {}).items() if k != "backbone"})
+    return outputs, batch_stats, sown
 
 
 def forward_domains(model, seg_params, batch_stats, batch):
@@ -38,8 +49,10 @@ def forward_domains(model, seg_params, batch_stats, batch):
       ({head: [N, H, W, C] source logits}, {head: target logits}, new batch_stats).
     """
     source, target = batch["source"], batch["target"]
-    source_out, batch_stats = forward(model, seg_params, batch_stats, source["image"], train=True)
-    target_out, batch_stats = forward(model, seg_params, batch_stats, target["image"], train=True)
+    variables = {"params": seg_params, "batch_stats": batch_stats}
+    source_out, batch_stats = forward(model, variables, source["image"], train=True)
+    variables = {"params": seg_params, "batch_stats": batch_stats}
+    target_out, batch_stats = forward(model, variables, target["image"], train=True)
     source_up = upsample(source_out, source["label"].shape[1:3])
     return source_up, upsample(target_out, target["image"].shape[1:3]), batch_stats
 
@@ -113,16 +126,27 @@ def discriminator_loss(
 def apply_gradients(
     state: TrainState, grads: dict, batch_stats, tx: optax.GradientTransformation
 ) -> TrainState:
-    """One optimizer update of all parameter groups (all gradients taken at the old params)."""
+    """One optimizer update of all trained networks (every gradient taken at the old params);
+    `batch_stats` are the segmentation network's new BN statistics.
+
+    Args:
+      grads: the gradients of `state.params`; networks a step does not train may be missing
+        (their gradient is zero, so weight decay and momentum still apply, as in PyTorch).
+    """
+    grads = {**jax.tree.map(jnp.zeros_like, state.params), **grads}
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    model_state = state.model_state
+    if batch_stats:
+        seg_state = {**model_state.get("seg", {}), "batch_stats": batch_stats}
+        model_state = {**model_state, "seg": seg_state}
     return state.replace(
         step=state.step + 1,
         params=optax.apply_updates(state.params, updates),
-        batch_stats=batch_stats,
+        model_state=model_state,
         opt_state=opt_state,
     )
 
 
-def zeros_like_disc(params: dict) -> dict:
-    """Zero gradients for the discriminators (methods that do not train them)."""
-    return jax.tree.map(jnp.zeros_like, params["disc"])
+def discriminator_params(state: TrainState) -> dict:
+    """{head: params} of the output-space discriminators ('disc/<head>' networks)."""
+    return state.params.get("disc", {})

@@ -1,46 +1,38 @@
-"""Registry of training methods: the step function and what each step consumes."""
+"""Registry of training methods (`spec.Method`): name -> step, networks, streams, state."""
 
-import dataclasses
-from collections.abc import Callable
-
-from jaxda.train import adversarial, source_only, target_loss, tent
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """A method's train step and the inputs it needs.
-
-    Attributes:
-      train_step: `(state, batch, *, model, discriminator, tx, config) -> (state, metrics)`.
-      domains: the batch streams the step reads ('source', 'target').
-      discriminator_heads: config -> heads that get an output-space discriminator.
-      run: for methods with a loop of their own (test-time adaptation), `(config, workdir)
-        -> summary`, called instead of the training loop.
-    """
-
-    train_step: Callable | None
-    domains: tuple[str, ...]
-    discriminator_heads: Callable = lambda config: ()
-    run: Callable | None = None
-
+from jaxda.train import adversarial, source_only, spec, target_loss, tent
 
 _BOTH = ("source", "target")
 METHODS = {
-    "source_only": Method(source_only.train_step, ("source",)),
-    "adaptseg": Method(
-        adversarial.make_train_step("softmax"), _BOTH, adversarial.discriminator_heads
+    "source_only": spec.Method(source_only.train_step),
+    "adaptseg": spec.Method(
+        adversarial.make_train_step("softmax"), _BOTH, networks=adversarial.networks
     ),
-    "advent": Method(
-        adversarial.make_train_step("self_information"), _BOTH, adversarial.discriminator_heads
+    "advent": spec.Method(
+        adversarial.make_train_step("self_information"), _BOTH, networks=adversarial.networks
     ),
-    "minent": Method(target_loss.make_train_step(target_loss.minent_loss), _BOTH),
-    "maxsquare": Method(target_loss.make_train_step(target_loss.maxsquare_loss), _BOTH),
-    "tent": Method(None, (), run=tent.adapt_and_evaluate),
-    "bn_adapt": Method(None, (), run=tent.adapt_and_evaluate),
+    "minent": spec.Method(target_loss.make_train_step(target_loss.minent_loss), _BOTH),
+    "maxsquare": spec.Method(target_loss.make_train_step(target_loss.maxsquare_loss), _BOTH),
 }
+for _name in ("tent", "bn_adapt"):
+    METHODS[_name] = spec.Method(
+        tent.adapt_step,
+        domains=(),
+        networks=tent.networks,
+        init_extra=tent.init_extra,
+        test_time=True,
+        online_results=tent.online_results,
+    )
 
 
-def get(name: str) -> Method:
+def register(name: str, method: spec.Method) -> None:
+    """Adds a method (e.g. from a user's own module) under `name` (config.method)."""
+    if name in METHODS and METHODS[name] is not method:
+        raise ValueError(f"A method named {name!r} is already registered")
+    METHODS[name] = method
+
+
+def get(name: str) -> spec.Method:
     if name not in METHODS:
         raise ValueError(f"Unknown method {name!r} (config.method); available: {sorted(METHODS)}")
     return METHODS[name]

@@ -1,18 +1,26 @@
-"""Optimizers of the DeepLabV2-era methods, as one optax transformation over all parameters.
+"""One optax transformation over the parameters of every trained network of a method.
 
-Segmentation network: SGD (momentum 0.9, weight decay 5e-4) with a poly schedule; the heads
-learn 10x faster; frozen BN affine parameters get no update and no weight decay (PyTorch
-leaves them out of the optimizer). Discriminators: Adam with the same poly decay.
+Each trained network names its config block (`spec.Network.optimizer`): 'optimizer' (the
+segmentation network: SGD, momentum 0.9, weight decay 5e-4, poly schedule) or
+'disc_optimizer' (Adam, poly). Within a network, the model declares its parameter groups
+(`jaxda.models.param_groups`: 'backbone', 'head', ...) and the block gives each group its
+learning-rate and weight-decay multipliers; a group without a multiplier is an error, never a
+silent 1x. Frozen BN affine parameters (bn_mode 'batch_stats' / 'frozen') and the block's
+`freeze` regexes get no update and no weight decay (PyTorch leaves them out of its optimizer).
 """
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping
 
 import jax
 import ml_collections
 import optax
 
+from jaxda import models
 from jaxda.models import layers
+from jaxda.train import state as state_lib
+
+FROZEN = "frozen"
 
 
 def poly_schedule(base_lr: float, decay_steps: int, power: float) -> optax.Schedule:
@@ -20,60 +28,100 @@ def poly_schedule(base_lr: float, decay_steps: int, power: float) -> optax.Sched
     return optax.polynomial_schedule(base_lr, 0.0, power, decay_steps)
 
 
-def _path_names(path) -> tuple[str, ...]:
+def schedule(config: ml_collections.ConfigDict, block: str = "optimizer") -> optax.Schedule:
+    """The base learning rate of config.<block> by optimizer step (groups: x multiplier)."""
+    opt = config[block]
+    return poly_schedule(opt.learning_rate, opt.decay_steps or config.total_steps, opt.poly_power)
+
+
+def path_names(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", k)) for k in path)
 
 
-def param_labels(freeze_bn_affine: bool, freeze: Sequence[str] = ()) -> Callable[[dict], dict]:
-    """Labels each parameter 'backbone', 'head', 'frozen' or 'disc' (optax.partition).
+def network_labels(
+    module, params: Mapping, block: str, *, freeze_bn_affine: bool, freeze=(), train_only=()
+) -> dict:
+    """Labels '<block>/<group>' or 'frozen' for every parameter of one network.
 
-    Heads are the top-level modules of the segmentation network whose name starts with 'head'.
-    `freeze` holds regular expressions matched against the '/'-joined path of a segmentation
-    parameter (e.g. 'backbone/bn1/.*': MaxSquare freezes only the stem BN).
+    Args:
+      module / params: the network and its params (groups from `module.param_groups`).
+      freeze: regexes over '/'-joined parameter paths (e.g. 'backbone/bn1/.*') never updated.
+      train_only: if given, regexes of the only parameters updated (TENT: BN scale/offset).
     """
-    patterns = [re.compile(p) for p in freeze]
+    groups = models.param_groups(module, params)
+    frozen = [re.compile(p) for p in freeze]
+    only = [re.compile(p) for p in train_only]
 
     def label(path, _):
-        names = _path_names(path)
-        if names[0] == "disc":
-            return "disc"
-        seg_path = names[1:]
-        joined = "/".join(seg_path)
-        if (freeze_bn_affine and layers.is_batch_norm_param(seg_path)) or any(
-            p.fullmatch(joined) for p in patterns
+        names = path_names(path)
+        joined = "/".join(names)
+        if (
+            (freeze_bn_affine and layers.is_batch_norm_param(names))
+            or any(p.fullmatch(joined) for p in frozen)
+            or (only and not any(p.fullmatch(joined) for p in only))
         ):
-            return "frozen"
-        return "head" if seg_path[0].startswith("head") else "backbone"
+            return FROZEN
+        return f"{block}/{groups[names[0]]}"
 
-    return lambda params: jax.tree_util.tree_map_with_path(label, params)
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The optimizer for TrainState.params from `config.optimizer` and `config.disc_optimizer`."""
-    opt = config.optimizer
-    seg_schedule = segmentation_schedule(config)
-
-    def sgd(multiplier: float) -> optax.GradientTransformation:
-        return optax.chain(
-            optax.add_decayed_weights(opt.weight_decay),
-            optax.sgd(lambda count: multiplier * seg_schedule(count), momentum=opt.momentum),
+def _group_transform(
+    config: ml_collections.ConfigDict, block: str, group: str
+) -> optax.GradientTransformation:
+    opt = config[block]
+    multipliers = dict(opt.lr_multipliers)
+    if group not in multipliers:
+        raise ValueError(
+            f"config.{block}.lr_multipliers has no entry for the parameter group {group!r} "
+            f"(it has {sorted(multipliers)}); add one, e.g. {group}=1.0"
         )
-
-    dopt = config.disc_optimizer
-    disc_schedule = poly_schedule(
-        dopt.learning_rate, dopt.decay_steps or config.total_steps, dopt.poly_power
+    multiplier = multipliers[group]
+    base = schedule(config, block)
+    learning_rate = lambda count: multiplier * base(count)  # noqa: E731
+    weight_decay = opt.get("weight_decay", 0.0) * dict(opt.get("weight_decay_multipliers", {})).get(
+        group, 1.0
     )
-    transforms = {
-        "backbone": sgd(1.0),
-        "head": sgd(opt.head_lr_multiplier),
-        "frozen": optax.set_to_zero(),
-        "disc": optax.adam(disc_schedule, b1=dopt.beta1, b2=dopt.beta2),
-    }
-    freeze = config.model.bn_mode in ("batch_stats", "frozen")
-    return optax.partition(transforms, param_labels(freeze, opt.freeze))
+    if opt.name == "sgd":
+        update = optax.sgd(learning_rate, momentum=opt.momentum)
+    elif opt.name == "adam":
+        update = optax.adam(learning_rate, b1=opt.beta1, b2=opt.beta2)
+    else:
+        raise ValueError(f"config.{block}.name={opt.name!r}: use 'sgd' or 'adam'")
+    if not weight_decay:
+        return update
+    return optax.chain(optax.add_decayed_weights(weight_decay), update)
 
 
-def segmentation_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """The backbone learning rate by optimizer step (heads: x `head_lr_multiplier`)."""
-    opt = config.optimizer
-    return poly_schedule(opt.learning_rate, opt.decay_steps or config.total_steps, opt.poly_power)
+def make_optimizer(
+    config: ml_collections.ConfigDict, networks: Mapping, params: Mapping
+) -> optax.GradientTransformation:
+    """The optimizer of `params` ({network: params}, nested by '/') of the trained networks.
+
+    Args:
+      networks: {name: spec.Network} of the method.
+      params: the (abstract) params pytree the optimizer will see.
+    """
+    labels, groups = {}, set()
+    freeze_bn = config.model.bn_mode in ("batch_stats", "frozen")
+    for name, network in networks.items():
+        if network.is_teacher:
+            continue
+        opt = config[network.optimizer]
+        tree = params
+        for part in name.split("/"):
+            tree = tree[part]
+        labels[name] = network_labels(
+            network.module,
+            tree,
+            network.optimizer,
+            freeze_bn_affine=freeze_bn and network.optimizer == "optimizer",
+            freeze=tuple(opt.get("freeze", ())),
+            train_only=tuple(opt.get("train_only", ())),
+        )
+        groups.update(x for x in jax.tree.leaves(labels[name]) if x != FROZEN)
+    transforms = {FROZEN: optax.set_to_zero()}
+    for label in sorted(groups):
+        block, group = label.split("/")
+        transforms[label] = _group_transform(config, block, group)
+    return optax.partition(transforms, state_lib.nest(labels))

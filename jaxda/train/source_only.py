@@ -6,15 +6,14 @@ import jax
 from jaxda.train import common
 
 
-def train_step(state, batch, *, model, discriminator, tx, config):
+def train_step(state, batch, *, networks, tx, config):
     """One SGD step on `batch['source']` ({'image': [N, H, W, 3], 'label': [N, H, W]})."""
-    del discriminator  # Not used by this method.
+    model = networks["seg"]
     images, labels = batch["source"]["image"], batch["source"]["label"]
 
     def loss_fn(seg_params):
-        outputs, batch_stats = common.forward(
-            model, seg_params, state.batch_stats, images, train=True
-        )
+        variables = {"params": seg_params, "batch_stats": state.batch_stats}
+        outputs, batch_stats = common.forward(model, variables, images, train=True)
         loss, metrics = common.supervised_loss(
             common.upsample(outputs, labels.shape[1:3]), labels, common.source_head_weights(config)
         )
@@ -23,5 +22,5 @@ def train_step(state, batch, *, model, discriminator, tx, config):
     (loss, (batch_stats, metrics)), seg_grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params["seg"]
     )
-    grads = {"seg": seg_grads, "disc": common.zeros_like_disc(state.params)}
-    return common.apply_gradients(state, grads, batch_stats, tx), {"loss": loss, **metrics}
+    state = common.apply_gradients(state, {"seg": seg_grads}, batch_stats, tx)
+    return state, {"loss": loss, **metrics}

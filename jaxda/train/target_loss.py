@@ -1,5 +1,6 @@
 """Adaptation by a loss on the target predictions alone: MinEnt (ADVENT, Vu et al. CVPR 2019)
-and MaxSquare (Chen et al. ICCV 2019), with the source CE beside it (methods.md 2, 3).
+and MaxSquare (Chen et al. ICCV 2019), with the source CE beside it (see
+docs/methods/advent.md and docs/methods/maxsquare.md).
 
 Both take the softmax of the target logits upsampled to the input size; one optimizer step
 per iteration, source and target gradients summed.
@@ -48,8 +49,8 @@ def maxsquare_loss(target_logits, config):
 def make_train_step(target_loss_fn):
     """A step minimising source CE + `target_loss_fn(target logits, config)`."""
 
-    def train_step(state, batch, *, model, discriminator, tx, config):
-        del discriminator  # These methods have none.
+    def train_step(state, batch, *, networks, tx, config):
+        model = networks["seg"]
         labels = batch["source"]["label"]
 
         def loss_fn(seg_params):
@@ -65,7 +66,7 @@ def make_train_step(target_loss_fn):
         (loss, (batch_stats, metrics)), seg_grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params["seg"]
         )
-        grads = {"seg": seg_grads, "disc": common.zeros_like_disc(state.params)}
-        return common.apply_gradients(state, grads, batch_stats, tx), {"loss": loss, **metrics}
+        state = common.apply_gradients(state, {"seg": seg_grads}, batch_stats, tx)
+        return state, {"loss": loss, **metrics}
 
     return train_step

@@ -1,16 +1,22 @@
-"""The training loop shared by every method.
+"""The training loop shared by every method, generic over what the method declares
+(`spec.Method`: networks, teacher slots, extra state, streams, evaluated network).
 
-Order of events at start: 1. if the workdir holds a checkpoint, resume from the latest one
-(state, step and input-pipeline position); 2. else initialise, then load the segmentation
-network from `config.init_from` when given; 3. else train from scratch.
+Order of events at start: 1. if the workdir holds a checkpoint, resume from the newest intact
+one (state, step and input-pipeline position); 2. else initialise every network, then load
+those with a source in `config.init` / `config.init_from` (`initialization`); 3. train.
+
+The host never waits for the devices between steps: metrics stay on the devices until a
+log, checkpoint or evaluation step fetches them, and the next batch is transferred while the
+current step runs. Every metric is checked for NaN/inf before each checkpoint, so no
+non-finite state is ever saved.
 """
 
 import collections
 import dataclasses
 import functools
-import json
+import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -24,125 +30,119 @@ from jaxda import checkpoints, models
 from jaxda import mesh as mesh_lib
 from jaxda.data import input_pipeline
 from jaxda.evaluation import evaluator as evaluator_lib
-from jaxda.evaluation import metrics as metrics_lib
-from jaxda.train import methods, optimizers
+from jaxda.train import initialization, methods, offline, optimizers, reporting, spec
 from jaxda.train import state as state_lib
 
-EVAL_SUBDIR = "eval"
-RESULTS_FILE = "results.json"
+RESULTS_FILE = evaluator_lib.RESULTS_FILE
 
 
 class NonFiniteLossError(FloatingPointError):
     """A loss became NaN or infinite; training stopped before saving anything after it."""
 
 
-def _model_meta(config) -> dict:
-    return json.loads(config.model.to_json())
-
-
 def _is_step(step: int, every: int, total: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
 
-def _load_eval_history(workdir: str) -> list[dict]:
-    directory = os.path.join(workdir, EVAL_SUBDIR)
-    if not os.path.isdir(directory):
-        return []
-    history = []
-    for name in sorted(os.listdir(directory)):
-        if name.startswith("step_") and name.endswith(".json"):
-            with open(os.path.join(directory, name)) as f:
-                history.append(json.load(f))
-    return history
-
-
-def _write_eval(writer, results: dict, workdir: str) -> None:
-    step = results["step"]
-    evaluator_lib.write_results(
-        results, os.path.join(workdir, EVAL_SUBDIR, f"step_{step:07d}.json")
-    )
-    scalars = {"eval/miou": results["miou"], "eval/pixel_accuracy": results["pixel_accuracy"]}
-    for key, value in results.items():
-        if key.startswith("miou_"):
-            scalars[f"eval/{key}"] = value
-    for name, value in results["per_class_iou"].items():
-        if value is not None:
-            scalars[f"eval/iou/{name}"] = value
-    writer.write_scalars(step, scalars)
-
-
-def _evaluate(evaluator, writer, variables, step: int, workdir: str) -> dict:
-    """Evaluates, writes the results (JSON, scalars) and the prediction images; returns them."""
-    results, images = evaluator.run_with_visuals(variables, step)
-    _write_eval(writer, results, workdir)
-    if images:
-        writer.write_images(step, images)
-    return results
-
-
-def summarize_run(history: list[dict], total_steps: int) -> dict:
-    """Final-checkpoint results and, separately labelled, the best evaluation on the val split."""
-    final = next((r for r in history if r["step"] == total_steps), None)
-    summary = {"final": final}
-    if history:
-        best = max(history, key=lambda r: r["miou"])
-        summary["selected_on_validation"] = {
-            "note": "best of the periodic evaluations on the evaluation split itself: an "
-            "optimistic, selected number, not a held-out result; report 'final'",
-            "step": best["step"],
-            "miou": best["miou"],
-            "evaluated_steps": [r["step"] for r in history],
-        }
-    return summary
-
-
-def _check_finite(step: int, metrics: dict, last_checkpoint: int | None) -> None:
-    bad = {k: float(v) for k, v in metrics.items() if not np.isfinite(v)}
-    if bad:
-        where = (
-            f"the last checkpoint (step {last_checkpoint}) is intact"
-            if last_checkpoint is not None
-            else "no checkpoint had been written yet"
-        )
-        raise NonFiniteLossError(
-            f"Non-finite loss at step {step}: {bad}. Training stopped and nothing from this step "
-            f"was saved; {where}. Lower the learning rate or the adversarial weights, check the "
-            "input data, then rerun the same command to resume."
-        )
+def _check_finite(window: list[tuple[int, dict]], last_checkpoint: int | None) -> None:
+    for step, metrics in window:
+        bad = {k: float(v) for k, v in metrics.items() if not np.all(np.isfinite(v))}
+        if bad:
+            where = (
+                f"the last checkpoint (step {last_checkpoint}) is intact"
+                if last_checkpoint is not None
+                else "no checkpoint had been written yet"
+            )
+            raise NonFiniteLossError(
+                f"Non-finite loss at step {step}: {bad}. Training stopped and nothing from this "
+                f"step on was saved; {where}. Lower the learning rate or the adversarial "
+                "weights, check the input data, then rerun the same command to resume."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """What a config builds: networks, method, optimizer and the abstract (shape-only) state."""
 
-    model: Any
-    discriminator: Any
-    method: methods.Method
+    networks: dict[str, spec.Network]
+    method: spec.Method
     tx: optax.GradientTransformation
     init_fn: Callable[[jax.Array], state_lib.TrainState]
     abstract_state: state_lib.TrainState  # ShapeDtypeStructs, replicated over the mesh.
 
+    @property
+    def modules(self) -> dict[str, Any]:
+        return {name: network.module for name, network in self.networks.items()}
+
+    @property
+    def model(self):
+        """The module of the evaluated network (the segmentation network's architecture)."""
+        return self.networks[self.method.eval_network].module
+
+    @property
+    def discriminator(self):
+        return next((n.module for k, n in self.networks.items() if k.startswith("disc/")), None)
+
+    def checkpoint_items(self, state) -> dict:
+        return state.checkpoint_items(self.method.eval_network)
+
+    def from_checkpoint_items(self, items: dict) -> state_lib.TrainState:
+        teacher = self.networks[self.method.eval_network].is_teacher
+        return state_lib.TrainState.from_checkpoint_items(
+            items, self.method.eval_network, teacher=teacher
+        )
+
+
+def create_state(
+    rng: jax.Array, *, networks: dict[str, spec.Network], tx, extra: dict
+) -> state_lib.TrainState:
+    """Initialises every network and the optimizer state from one typed key.
+
+    The keys are split as before networks were declared, so results do not change: the
+    segmentation network 'seg' uses the first of three keys, the other randomly initialised
+    networks the second folded with their position, the loop the third.
+    """
+    seg_key, other_key, loop_key = models.network_keys(rng)
+    variables, others = {}, 0
+    for name, network in networks.items():
+        if network.init.startswith(initialization.COPY_PREFIX):
+            continue
+        key = seg_key if name == "seg" else jax.random.fold_in(other_key, others)
+        others += name != "seg"
+        dummy = jax.numpy.zeros((1, *models.INIT_SIZE, network.input_channels), jax.numpy.float32)
+        variables[name] = network.module.init(key, dummy)
+    for name, network in networks.items():
+        if network.init.startswith(initialization.COPY_PREFIX):
+            variables[name] = variables[network.init[len(initialization.COPY_PREFIX) :]]
+    trained = {n: v for n, v in variables.items() if not networks[n].is_teacher}
+    params = state_lib.nest({n: v["params"] for n, v in trained.items()})
+    collections = {n: {k: c for k, c in v.items() if k != "params"} for n, v in trained.items()}
+    model_state = state_lib.nest({n: c for n, c in collections.items() if c})
+    return state_lib.TrainState(
+        step=jax.numpy.zeros((), jax.numpy.int32),
+        params=params,
+        model_state=model_state,
+        teachers={n: v for n, v in variables.items() if networks[n].is_teacher},
+        extra=extra,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(loop_key),
+    )
+
 
 def build(config: ml_collections.ConfigDict, mesh) -> Setup:
     """Builds the networks, method and optimizer of `config` for `mesh`."""
-    model = models.build_segmenter(config.model, config.num_classes)
-    discriminator = models.build_discriminator(config.discriminator)
     method = methods.get(config.method)
-    tx = optimizers.make_optimizer(config)
-    init_fn = functools.partial(
-        state_lib.create,
-        model=model,
-        discriminator=discriminator,
-        discriminator_heads=method.discriminator_heads(config),
-        num_classes=config.num_classes,
-        tx=tx,
-    )
-    replicated = mesh_lib.replicated(mesh)
-    abstract = jax.eval_shape(init_fn, jax.random.key(config.seed))
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
-    )
-    return Setup(model, discriminator, method, tx, init_fn, abstract)
+    networks = method.networks(config)
+    extra_fn = functools.partial(method.init_extra, config)
+
+    def params_of(rng):
+        return create_state(rng, networks=networks, tx=optax.identity(), extra={}).params
+
+    key = jax.random.key(config.seed)
+    tx = optimizers.make_optimizer(config, networks, jax.eval_shape(params_of, key))
+    init_fn = lambda rng: create_state(rng, networks=networks, tx=tx, extra=extra_fn())  # noqa: E731
+    abstract = mesh_lib.replicate_abstract(jax.eval_shape(init_fn, key), mesh)
+    return Setup(networks, method, tx, init_fn, abstract)
 
 
 def init_state(config: ml_collections.ConfigDict, setup: Setup) -> state_lib.TrainState:
@@ -165,64 +165,36 @@ def jit_train_step(config: ml_collections.ConfigDict, setup: Setup):
     shardings = jax.tree.map(lambda x: x.sharding, setup.abstract_state)
     replicated = jax.tree.leaves(shardings)[0]
     step = functools.partial(
-        setup.method.train_step,
-        model=setup.model,
-        discriminator=setup.discriminator,
-        tx=setup.tx,
-        config=config,
+        setup.method.train_step, networks=setup.modules, tx=setup.tx, config=config
     )
     return jax.jit(step, donate_argnums=(0,), out_shardings=(shardings, replicated))
 
 
 def _initial_state(config, setup: Setup, checkpointer):
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        items, meta = checkpointer.restore(
-            latest, setup.abstract_state.checkpoint_items(), _model_meta(config)
-        )
-        logging.info("Resuming from step %d (%s)", latest, checkpointer.directory)
-        return state_lib.TrainState.from_checkpoint_items(items), meta
-    state = init_state(config, setup)
-    if config.init_from:
-        step_dir = checkpoints.find_step_dir(config.init_from)
-        variables, _ = checkpoints.restore_model_variables(
-            step_dir, setup.abstract_state.model_variables(), _model_meta(config)
-        )
-        state = state.replace(
-            params={**state.params, "seg": variables["params"]},
-            batch_stats=variables.get("batch_stats", state.batch_stats),
-        )
-        logging.info("Initialised the segmentation network from %s", step_dir)
-    return state, {}
+    """(state, checkpoint meta): resumed from the newest intact checkpoint, else fresh."""
+    model_meta = checkpoints.model_meta(config.model)
+    abstract_items = setup.checkpoint_items(setup.abstract_state)
+    restored = checkpointer.restore_latest_intact(abstract_items, model_meta)
+    if restored is not None:
+        step, items, meta = restored
+        logging.info("Resuming from step %d (%s)", step, checkpointer.directory)
+        return setup.from_checkpoint_items(items), meta
+    state, sources = initialization.initialize(init_state(config, setup), config, setup.networks)
+    return state, {"init": sources} if sources else {}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains `config.method`, evaluating and checkpointing periodically; returns the summary."""
-    method = methods.get(config.method)
-    if method.run is not None:  # Test-time adaptation: a loop of its own.
-        return method.run(config, workdir)
-    os.makedirs(workdir, exist_ok=True)
-    mesh = mesh_lib.make_mesh(config.num_devices or None)
-    mesh_lib.check_batch_size(config.batch_size, mesh)
-    setup = build(config, mesh)
-    method = setup.method
-    # Open every dataset before the expensive initialisation, so missing data fails at once.
-    readers = {d: input_pipeline.open_reader(config.data[d], config.data) for d in method.domains}
-    evaluator = evaluator_lib.Evaluator(setup.model, config, mesh)
-    checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
-    state, meta = _initial_state(config, setup, checkpointer)
-    start_step = int(state.step)
-    positions = {d: start_step * config.batch_size for d in method.domains}
-    for domain, saved in meta.get("data_position", {}).items():
-        if saved != positions.get(domain, saved):
-            raise checkpoints.CheckpointMismatchError(
-                f"Checkpoint of step {start_step} recorded {domain} stream position {saved}, but "
-                f"step x batch_size = {positions[domain]}: config.batch_size changed since it "
-                "was written. Resume with the original batch size or use a new workdir."
-            )
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
+def _streams(config, method: spec.Method, readers: dict, start_step: int) -> Iterator[dict]:
+    """Host batches {domain: {...}} from step `start_step` on."""
+    if method.test_time:
+        _, batches = input_pipeline.eval_iterator(
+            readers["eval"], config.data.eval, config.data, global_batch_size=config.batch_size
+        )
+        return ({"eval": b} for b in itertools.islice(batches, start_step, None))
+    artifacts = {
+        d: offline.load(config.data[d].artifacts)
+        for d in method.domains
+        if config.data[d].get("artifacts")
+    }
     streams = {
         domain: input_pipeline.train_iterator(
             readers[domain],
@@ -230,43 +202,100 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             config.data,
             global_batch_size=config.batch_size,
             seed=(config.seed, stream),
-            start=positions[domain],
+            start=start_step * config.batch_size,
         )
         for stream, domain in enumerate(method.domains)
     }
+
+    def batch(domain: str) -> dict:
+        examples = next(streams[domain])
+        for name, values in artifacts.get(domain, {}).items():
+            examples[name] = np.asarray(values[examples["index"]])
+        return examples
+
+    return ({d: batch(d) for d in streams} for _ in itertools.count())
+
+
+def _total_steps(config, method: spec.Method, readers: dict) -> int:
+    if method.test_time:  # One step per evaluation batch.
+        return -(-len(readers["eval"]) // config.batch_size)
+    return config.total_steps
+
+
+def _check_positions(meta: dict, domains, start_step: int, batch_size: int) -> None:
+    for domain, saved in meta.get("data_position", {}).items():
+        expected = start_step * batch_size
+        if domain in domains and saved != expected:
+            raise checkpoints.CheckpointMismatchError(
+                f"Checkpoint of step {start_step} recorded {domain} stream position {saved}, but "
+                f"step x batch_size = {expected}: config.batch_size changed since it was "
+                "written. Resume with the original batch size or use a new workdir."
+            )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains `config.method`, evaluating and checkpointing periodically; returns the summary."""
+    is_writer = jax.process_index() == 0  # Only process 0 writes files.
+    os.makedirs(workdir, exist_ok=True)
+    mesh = mesh_lib.make_mesh(config.num_devices or None)
+    mesh_lib.check_batch_size(config.batch_size, mesh)
+    setup = build(config, mesh)
+    method = setup.method
+    domains = ("eval",) if method.test_time else method.domains
+    # Open every dataset before the expensive initialisation, so missing data fails at once.
+    readers = {d: input_pipeline.open_reader(config.data[d], config.data) for d in domains}
+    evaluator = evaluator_lib.Evaluator(setup.model, config, mesh)
+    total_steps = _total_steps(config, method, readers)
+    checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
+    state, meta = _initial_state(config, setup, checkpointer)
+    start_step = int(state.step)
+    _check_positions(meta, domains, start_step, config.batch_size)
+    if is_writer:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+    starting = None
+    if method.test_time:  # The network adapted from, scored as the protocol scores it.
+        starting = reporting.starting_results(workdir, evaluator, state, method, meta, is_writer)
     train_step = jit_train_step(config, setup)
     writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0, asynchronous=True
+        workdir, just_logging=not is_writer, asynchronous=True
     )
     report = periodic_actions.ReportProgress(
-        num_train_steps=config.total_steps, writer=writer, every_steps=config.log_every_steps
+        num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
     )
-    learning_rate = optimizers.segmentation_schedule(config)
-    history = [r for r in _load_eval_history(workdir) if r["step"] <= start_step]
+    learning_rate = optimizers.schedule(config)
+    history = [r for r in reporting.load_eval_history(workdir) if r["step"] <= start_step]
     last_checkpoint = checkpointer.latest_step()
+    pending = []  # (step, metrics still on the devices) since the last fetch.
     window = collections.defaultdict(list)
     for group, params in setup.abstract_state.params.items():
         count = sum(x.size for x in jax.tree.leaves(params))
         logging.info("Parameters of %s: %s", group, f"{count:,}")
     logging.info(
         "Training %s from step %d to %d on %d device(s), global batch %d",
-        config.method,
-        start_step,
-        config.total_steps,
-        mesh.size,
-        config.batch_size,
-    )
+        config.method, start_step, total_steps, mesh.size, config.batch_size,
+    )  # fmt: skip
+    batches = mesh_lib.prefetch_to_mesh(_streams(config, method, readers, start_step), mesh)
     try:
-        for step in range(start_step + 1, config.total_steps + 1):
+        for step in range(start_step + 1, total_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = mesh_lib.to_global({d: next(s) for d, s in streams.items()}, mesh)
-                state, metrics = train_step(state, batch)
-            metrics = jax.device_get(metrics)
-            _check_finite(step, metrics, last_checkpoint)
-            for key, value in metrics.items():
-                window[key].append(float(value))
+                state, metrics = train_step(state, next(batches))
+            pending.append((step, metrics))
             report(step)
-            if _is_step(step, config.log_every_steps, config.total_steps):
+            log = _is_step(step, config.log_every_steps, total_steps)
+            save = _is_step(step, config.checkpoint_every_steps, total_steps)
+            evaluate = _is_step(step, config.eval_every_steps, total_steps)
+            if not (log or save or evaluate):
+                continue
+            fetched = jax.device_get(pending)
+            pending.clear()
+            _check_finite(fetched, last_checkpoint)
+            for _, values in fetched:
+                for key, value in values.items():
+                    if np.ndim(value) == 0:
+                        window[key].append(float(value))
+            if log:
                 scalars = {f"train/{k}": float(np.mean(v)) for k, v in window.items()}
                 scalars["train/learning_rate"] = float(learning_rate(step - 1))
                 writer.write_scalars(step, scalars)
@@ -274,34 +303,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     "step %d: %s", step, ", ".join(f"{k[6:]}={v:.4g}" for k, v in scalars.items())
                 )
                 window.clear()
-            if _is_step(step, config.checkpoint_every_steps, config.total_steps):
+            if save:
                 meta = {
-                    "data_position": {d: step * config.batch_size for d in method.domains},
-                    "model": _model_meta(config),
+                    "data_position": {d: step * config.batch_size for d in domains},
+                    "model": checkpoints.model_meta(config.model),
                     "method": config.method,
                 }
-                checkpointer.save(step, state.checkpoint_items(), meta)
+                checkpointer.save(step, setup.checkpoint_items(state), meta)
                 last_checkpoint = step
-            if _is_step(step, config.eval_every_steps, config.total_steps):
-                history.append(_evaluate(evaluator, writer, state.model_variables(), step, workdir))
+            if evaluate and not method.test_time:
+                history.append(reporting.evaluate(evaluator, writer, state, method, step, workdir))
     finally:
         checkpointer.wait()
         checkpointer.close()
         writer.flush()
 
-    if not history or history[-1]["step"] != config.total_steps:
-        # Resumed after the last step had already been trained: evaluate its checkpoint again.
-        step = int(state.step)
-        history.append(_evaluate(evaluator, writer, state.model_variables(), step, workdir))
+    if method.test_time:
+        summary = reporting.online_summary(config, evaluator, state, method, total_steps, starting)
+    else:
+        if not history or history[-1]["step"] != total_steps:
+            # Resumed after the last step had already been trained: evaluate it again.
+            step = int(state.step)
+            history.append(reporting.evaluate(evaluator, writer, state, method, step, workdir))
+        summary = {"method": config.method, **reporting.summarize_run(history, total_steps)}
     writer.close()
-    summary = {"method": config.method, **summarize_run(history, config.total_steps)}
-    evaluator_lib.write_results(summary, os.path.join(workdir, RESULTS_FILE))
-    final = summary["final"]
-    print(metrics_lib.format_table(final, f"Target mIoU at the final step {final['step']}:"))
-    if "selected_on_validation" in summary:
-        sel = summary["selected_on_validation"]
-        print(
-            f"  (selected on the validation split, optimistic: step {sel['step']} "
-            f"mIoU {sel['miou']:.2f})"
-        )
+    if is_writer:
+        evaluator_lib.write_results(summary, os.path.join(workdir, RESULTS_FILE))
+    reporting.print_summary(summary)
     return summary

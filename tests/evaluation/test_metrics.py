@@ -44,7 +44,7 @@ def test_summarize_subsets_and_names():
     assert "mIoU" in metrics.format_table(results)
 
 
-def test_synthia_class_subsets_match_methods_md():
+def test_synthia_class_subsets_match_the_documented_lists():
     from jaxda.data import labels
 
     names16 = [labels.CITYSCAPES_CLASSES[c] for c in labels.SYNTHIA_16_CLASSES]

@@ -1,6 +1,6 @@
 """Fabricated PyTorch-named state dicts (NumPy) in the published checkpoints' layouts.
 
-Written from the key tables of methods.md ("Checkpoint key layouts"), independently of the
+Written from the key tables of docs/methods/checkpoints.md, independently of the
 converter's parsing, so the tests check one against the other.
 """
 

@@ -1,5 +1,6 @@
 """Numerical parity: jaxda's DeepLabV2 and discriminator against the PyTorch reference
-(`jaxda.interop.torch_reference`, written from methods.md), with weights carried over by the
+(`jaxda.interop.torch_reference`, written from docs/methods/README.md), with weights carried over
+by the
 real converter (`convert.convert_segmenter` on the torch model's state dict).
 
 Relative error = max |jaxda - torch| / max |torch| over one output tensor; it must stay below

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from jaxda.interop import aspp_detection, layouts, torch_layouts
 from jaxda.interop.layouts import ConversionError
@@ -61,7 +62,7 @@ def test_multi_level_values_land_where_they_should():
     assert aux.shape == (3, 3, 64, 19) and main.dtype == np.float32
     # Every variable comes from the file; every file key is loaded or ignored.
     assert report.missing == [] and report.unexpected == [] and report.skipped == {}
-    assert len(loaded) == len(torch_layouts.flatten(_target()))
+    assert len(loaded) == len(traverse_util.flatten_dict(_target()))
     assert set(report.loaded) | set(report.ignored) == set(sd)
     assert report.ignored["layer1.0.bn2.num_batches_tracked"].startswith("BatchNorm step")
     assert report.loaded["layer6.conv2d_list.0.weight"] == "params/head_main/branch0/kernel"
@@ -317,7 +318,7 @@ def test_aspp_disagreement_with_the_config():
     assert ("params", "head_main", "branch2", "kernel") not in loaded
     # Overriding the check loads all four into a 4-branch model.
     _, report = torch_layouts.map_state_dict(bugged, _target(branches=4), check_aspp=False)
-    assert len(report.loaded) == len(torch_layouts.flatten(_target(branches=4)))
+    assert len(report.loaded) == len(traverse_util.flatten_dict(_target(branches=4)))
 
     trained = fakes.multi_level(_rng())
     with pytest.raises(ConversionError, match=r"--config\.model\.num_aspp_branches=4"):

@@ -1,4 +1,4 @@
-"""Losses against NumPy implementations of the formulas in methods.md."""
+"""Losses against NumPy implementations of the formulas in docs/methods/."""
 
 import jax.numpy as jnp
 import numpy as np

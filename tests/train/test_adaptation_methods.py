@@ -10,7 +10,6 @@ from jaxda import mesh as mesh_lib
 from jaxda.evaluation import run as eval_run
 from jaxda.models import layers
 from jaxda.models.layers import resize_bilinear_align_corners
-from jaxda.train import tent as tent_lib
 from jaxda.train import trainer
 from tests.conftest import tiny_config
 from tests.train.test_steps import _batch, _numpy_log_softmax, _paths
@@ -45,9 +44,7 @@ def _step_metrics(config):
 def test_minent_step_has_no_discriminator_and_the_advent_entropy():
     config = _tiny(minent, "")
     setup, variables, batch, metrics = _step_metrics(config)
-    assert setup.abstract_state.params["disc"] == {} and not setup.method.discriminator_heads(
-        config
-    )
+    assert "disc" not in setup.abstract_state.params and set(setup.networks) == {"seg"}
     for head in ("main", "aux"):
         p = _target_probs(setup, variables, batch["target"]["image"], head)
         expected = -np.sum(p * np.log2(p + 1e-30)) / (p[..., 0].size * np.log2(19))
@@ -73,36 +70,82 @@ def test_maxsquare_step_losses(arg):
     assert ("loss_guidance_aux" in metrics) == ("multi" in arg)
     assert ("head_aux" in setup.abstract_state.params["seg"]) == ("multi" in arg)
     # MaxSquare trains the BN affine parameters except the stem's.
-    labels = trainer.optimizers.param_labels(False, config.optimizer.freeze)(
-        setup.abstract_state.params
+    labels = trainer.optimizers.network_labels(
+        setup.model,
+        setup.abstract_state.params["seg"],
+        "optimizer",
+        freeze_bn_affine=False,
+        freeze=config.optimizer.freeze,
     )
-    flat = _paths(labels["seg"])
+    flat = _paths(labels)
     assert flat[("backbone", "bn1", "scale")] == "frozen"
-    assert flat[("backbone", "layer1_0", "bn1", "scale")] == "backbone"
+    assert flat[("backbone", "layer1_0", "bn1", "scale")] == "optimizer/backbone"
 
 
-@pytest.mark.parametrize("update", [True, False], ids=["tent", "norm"])
-def test_tent_step_moves_only_bn_affine_and_scores_before_updating(update):
-    config = tiny_config("source_only")
-    config.method = "tent" if update else "bn_adapt"
-    config.tent = tent.get_config("synthetic").tent
-    config.tent.update_bn_affine = update
-    model = trainer.build(config, mesh_lib.make_mesh(1)).model.clone(train_batch_stats=True)
-    images = jnp.asarray(_batch(config)["target"]["image"])
-    labels = jnp.asarray(_batch(config)["target"]["label"])
-    variables = model.init(jax.random.key(0), images, train=False)
-    tx = tent_lib.bn_only_optimizer(config.tent)
-    params, _opt_state, confusion, _ = jax.jit(
-        lambda p, o, s, x, y: tent_lib.adapt_step(p, o, s, x, y, model=model, tx=tx, config=config)
-    )(variables["params"], tx.init(variables["params"]), variables["batch_stats"], images, labels)
-    for path, before in _paths(variables["params"]).items():
-        moved = not np.array_equal(before, _paths(params)[path])
-        assert moved == (update and layers.is_batch_norm_param(path)), path
+def _tent_step(config, batch):
+    """(state before, state after) of one jitted TENT / BN-adapt step on `batch`."""
+    mesh = mesh_lib.make_mesh(1)
+    setup = trainer.build(config, mesh)
+    state = trainer.init_state(config, setup)
+    before = jax.device_get(state)
+    after, _ = trainer.jit_train_step(config, setup)(state, mesh_lib.to_global(batch, mesh))
+    return setup, before, jax.device_get(after)
+
+
+def _tent_config(norm: bool):
+    config = _tiny(tent, "norm" if norm else "")
+    config.batch_size = 8
+    return config
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["tent", "norm"])
+def test_tent_step_moves_only_bn_affine_and_scores_before_updating(norm):
+    config = _tent_config(norm)
+    data = _batch(config)["target"]
+    batch = {"eval": {**data, "valid": np.ones(8, bool)}}
+    setup, before, after = _tent_step(config, batch)
+    for path, start in _paths(before.params["seg"]).items():
+        moved = not np.array_equal(start, _paths(after.params["seg"])[path])
+        assert moved == (not norm and layers.is_batch_norm_param(path)), path
     # The scored prediction is the pre-update one, with batch statistics.
-    out, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
-    predicted = jnp.argmax(resize_bilinear_align_corners(out["main"], (32, 64)), -1)
-    ok = np.asarray(labels) != 255
-    assert int(np.trace(np.asarray(confusion))) == int((np.asarray(predicted) == labels)[ok].sum())
+    variables = before.variables("seg")
+    out, _ = setup.model.apply(variables, data["image"], train=True, mutable=["batch_stats"])
+    predicted = np.asarray(jnp.argmax(resize_bilinear_align_corners(out["main"], (32, 64)), -1))
+    ok = data["label"] != 255
+    confusion = after.extra["confusion"]
+    assert int(np.trace(confusion)) == int((predicted == data["label"])[ok].sum())
+    assert int(confusion.sum()) == int(ok.sum())
+    # Running statistics stay those of the starting network.
+    for a, b in zip(
+        jax.tree.leaves(before.batch_stats), jax.tree.leaves(after.batch_stats), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tent_padding_enters_neither_bn_statistics_nor_the_entropy():
+    """A last batch of 5 images padded to 8 adapts exactly as the 5 images alone would."""
+    config = _tent_config(norm=False)
+    data = _batch(config)["target"]
+    valid = np.arange(8) < 5
+    padded = {
+        "image": np.where(valid[:, None, None, None], data["image"], 0.0).astype(np.float32),
+        "label": np.where(valid[:, None, None], data["label"], 255).astype(np.uint8),
+        "valid": valid,
+    }
+    _, _, with_padding = _tent_step(config, {"eval": padded})
+    config.batch_size = 5
+    alone = {"eval": {k: v[:5] for k, v in padded.items()}}
+    _, before, without_padding = _tent_step(config, alone)
+    np.testing.assert_array_equal(
+        with_padding.extra["confusion"], without_padding.extra["confusion"]
+    )
+    np.testing.assert_allclose(
+        with_padding.extra["entropy_sum"], without_padding.extra["entropy_sum"], rtol=1e-5
+    )
+    start, moved = _paths(before.params["seg"]), _paths(without_padding.params["seg"])
+    for path, value in _paths(with_padding.params["seg"]).items():
+        update, expected = value - start[path], moved[path] - start[path]
+        np.testing.assert_allclose(update, expected, atol=1e-3 * np.abs(expected).max() + 1e-9)
 
 
 def test_tent_and_ensemble_end_to_end(data_dir, tmp_path):

@@ -1,11 +1,16 @@
-"""The DeepLabV2 optimizer: poly schedule, 10x heads, weight decay, frozen BN, Adam for D."""
+"""The optimizer: poly schedule, groups declared by the model (10x heads), weight decay,
+frozen BN, Adam for the discriminators, and refusal of parameters without a group."""
 
+from typing import ClassVar
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxda.train import optimizers
+from jaxda import mesh as mesh_lib
+from jaxda.train import optimizers, spec, trainer
 from tests.conftest import tiny_config
 
 
@@ -15,37 +20,71 @@ def test_poly_schedule_matches_formula():
         assert float(schedule(i)) == pytest.approx(2.5e-4 * (1 - i / 250_000) ** 0.9, rel=1e-5)
 
 
-def _params():
-    return {
-        "seg": {
-            "backbone": {
-                "layer1_0": {
-                    "conv1": {"kernel": jnp.ones((2,))},
-                    "bn1": {"scale": jnp.ones((2,)), "bias": jnp.ones((2,))},
-                }
-            },
-            "head_main": {"branch0": {"kernel": jnp.ones((2,))}},
-        },
-        "disc": {"main": {"conv1": {"kernel": jnp.ones((2,))}}},
-    }
+def _setup(config):
+    return trainer.build(config, mesh_lib.make_mesh(1))
 
 
-def test_param_labels():
-    labels = optimizers.param_labels(freeze_bn_affine=True)(_params())
-    assert labels["seg"]["backbone"]["layer1_0"]["conv1"]["kernel"] == "backbone"
-    assert labels["seg"]["backbone"]["layer1_0"]["bn1"]["scale"] == "frozen"
-    assert labels["seg"]["head_main"]["branch0"]["kernel"] == "head"
-    assert labels["disc"]["main"]["conv1"]["kernel"] == "disc"
-    trained = optimizers.param_labels(freeze_bn_affine=False)(_params())
-    assert trained["seg"]["backbone"]["layer1_0"]["bn1"]["scale"] == "backbone"
+def test_labels_come_from_the_model_groups():
+    config = tiny_config("adaptseg", **{"model.bn_mode": "batch_stats"})
+    setup = _setup(config)
+    seg = setup.abstract_state.params["seg"]
+    labels = optimizers.network_labels(
+        setup.networks["seg"].module, seg, "optimizer", freeze_bn_affine=True
+    )
+    assert labels["backbone"]["layer1_0"]["conv1"]["kernel"] == "optimizer/backbone"
+    assert labels["backbone"]["layer1_0"]["bn1"]["scale"] == "frozen"
+    assert labels["head_main"]["branch0"]["kernel"] == "optimizer/head"
+    assert labels["head_aux"]["branch0"]["kernel"] == "optimizer/head"
+    trained = optimizers.network_labels(
+        setup.networks["seg"].module, seg, "optimizer", freeze_bn_affine=False
+    )
+    assert trained["backbone"]["layer1_0"]["bn1"]["scale"] == "optimizer/backbone"
+    only_bn = optimizers.network_labels(
+        setup.networks["seg"].module,
+        seg,
+        "optimizer",
+        freeze_bn_affine=False,
+        train_only=(r"(.*/)?bn[^/]*/(scale|bias)",),
+    )
+    assert only_bn["backbone"]["layer1_0"]["bn1"]["scale"] == "optimizer/backbone"
+    assert only_bn["backbone"]["layer1_0"]["conv1"]["kernel"] == "frozen"
+
+
+class _NewDecoder(nn.Module):
+    """A model whose 'decoder' submodule has no declared parameter group."""
+
+    param_groups: ClassVar[dict[str, str]] = {"backbone": "backbone"}
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2, name="decoder")(nn.Dense(2, name="backbone")(x))
+
+
+class _GroupedDecoder(_NewDecoder):
+    param_groups: ClassVar[dict[str, str]] = {"backbone": "backbone", "decoder": "decoder"}
+
+
+def test_a_parameter_without_a_group_is_refused():
+    module = _NewDecoder()
+    params = module.init(jax.random.key(0), jnp.zeros((1, 3)))["params"]
+    with pytest.raises(ValueError, match=r"assigns no group to \['decoder'\]"):
+        optimizers.network_labels(module, params, "optimizer", freeze_bn_affine=False)
+    # Declared, but the config gives the group no learning rate: refused too.
+    config = tiny_config("source_only")
+    networks = {"seg": spec.Network(_GroupedDecoder())}
+    with pytest.raises(ValueError, match=r"lr_multipliers has no entry for .*'decoder'"):
+        optimizers.make_optimizer(config, networks, {"seg": params})
+    config.optimizer.lr_multipliers.decoder = 10.0
+    optimizers.make_optimizer(config, networks, {"seg": params})
 
 
 def test_two_sgd_steps_match_pytorch_formula():
     """PyTorch SGD: g += wd * p; buf = m * buf + g; p -= lr_i * buf; heads at 10 x lr_i."""
     config = tiny_config("adaptseg", **{"optimizer.weight_decay": 0.1, "total_steps": 10})
     config.model.bn_mode = "batch_stats"
-    tx = optimizers.make_optimizer(config)
-    params = _params()
+    setup = _setup(config)
+    tx = setup.tx
+    params = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), setup.abstract_state.params)
     state = tx.init(params)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
     lr = [config.optimizer.learning_rate * (1 - i / 10) ** 0.9 for i in range(2)]

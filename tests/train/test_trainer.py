@@ -11,7 +11,7 @@ from jaxda import checkpoints
 from jaxda import mesh as mesh_lib
 from jaxda.data import input_pipeline
 from jaxda.evaluation import run as eval_run
-from jaxda.train import methods, source_only, trainer
+from jaxda.train import methods, source_only, spec, trainer
 from tests.conftest import tiny_config
 
 
@@ -21,7 +21,7 @@ def _params_of(workdir, config, step=None):
     variables, _ = checkpoints.restore_model_variables(
         checkpoints.find_step_dir(workdir, step),
         setup.abstract_state.model_variables(),
-        json.loads(config.model.to_json()),
+        checkpoints.model_meta(config.model),
     )
     return jax.device_get(variables)
 
@@ -67,12 +67,13 @@ def test_crash_and_resume_equals_uninterrupted_run(data_dir, tmp_path, monkeypat
     straight_dir, crashed_dir = str(tmp_path / "straight"), str(tmp_path / "crashed")
     straight = trainer.train_and_evaluate(config, straight_dir)
 
-    # Crash while fetching the batch of step 5 (after the step-4 checkpoint), then rerun.
+    # Crash while fetching the batch of step 6, i.e. before step 5 runs (the trainer transfers
+    # one batch ahead), after the step-4 checkpoint; then rerun.
     make_iterator = input_pipeline.train_iterator
 
     def crashing_iterator(*args, **kwargs):
         iterator = make_iterator(*args, **kwargs)
-        for _ in range(4):
+        for _ in range(5):
             yield next(iterator)
         raise _Crash
 
@@ -130,7 +131,7 @@ def _nan_at_step_3(state, batch, **kwargs):
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setitem(methods.METHODS, "nan_test", methods.Method(_nan_at_step_3, ("source",)))
+    monkeypatch.setitem(methods.METHODS, "nan_test", spec.Method(_nan_at_step_3))
     workdir = str(tmp_path / "nan")
     config = tiny_config("source_only", data_dir=data_dir, total_steps=6)
     config.method = "nan_test"
