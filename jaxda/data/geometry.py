@@ -20,7 +20,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-IGNORE_LABEL = 255
+from jaxda.data.labels import IGNORE_LABEL
+
 BASE_BOX = (0.0, 0.0, 1.0, 1.0)
 
 

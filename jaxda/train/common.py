@@ -150,3 +150,28 @@ def apply_gradients(
 def discriminator_params(state: TrainState) -> dict:
     """{head: params} of the output-space discriminators ('disc/<head>' networks)."""
     return state.params.get("disc", {})
+
+
+def ema_update(teacher: dict, student: dict, momentum, *, batch_stats: str = "copy") -> dict:
+    """A teacher's new variables: params <- momentum x teacher + (1 - momentum) x student
+    (optax.incremental_update); BN statistics 'copy' the student's (mean teacher, ProDA's EMA),
+    'ema' average the same way, or 'keep' the teacher's.
+
+    Args:
+      teacher / student: {'params', 'batch_stats'} of networks of one architecture.
+      momentum: scalar in [0, 1]; 1 keeps the teacher, 0 copies the student.
+    """
+    if batch_stats not in ("copy", "ema", "keep"):
+        raise ValueError(f"batch_stats={batch_stats!r}: use 'copy', 'ema' or 'keep'")
+    result = {
+        "params": optax.incremental_update(student["params"], teacher["params"], 1 - momentum)
+    }
+    if "batch_stats" in teacher:
+        result["batch_stats"] = {
+            "copy": lambda: student["batch_stats"],
+            "keep": lambda: teacher["batch_stats"],
+            "ema": lambda: optax.incremental_update(
+                student["batch_stats"], teacher["batch_stats"], 1 - momentum
+            ),
+        }[batch_stats]()
+    return result

@@ -12,7 +12,6 @@ the 'model'. `extra` counts the confident target pixels trained on (per-method s
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jaxda.data import labels
 from jaxda.losses import segmentation
@@ -49,13 +48,7 @@ def train_step(state, batch, *, networks, tx, config):
         state.params["seg"]
     )
     state = common.apply_gradients(state, {"seg": grads}, batch_stats, tx)
-    student, teacher = state.variables("seg"), state.teachers["teacher"]
-    teacher = {
-        "params": optax.incremental_update(
-            student["params"], teacher["params"], 1.0 - cfg.momentum
-        ),
-        "batch_stats": student["batch_stats"],
-    }
+    teacher = common.ema_update(state.teachers["teacher"], state.variables("seg"), cfg.momentum)
     count = state.extra["confident_pixels"] + jnp.sum(confident)
     state = state.replace(teachers={"teacher": teacher}, extra={"confident_pixels": count})
     return state, {"loss": loss, **metrics}

@@ -86,3 +86,22 @@ def test_discriminator_output_is_input_over_32():
     assert (oh, ow) == (2, 3)
     with pytest.raises(ValueError, match="at least 32x32"):
         disc.init(jax.random.key(0), jnp.zeros((1, 16, 64, 19)))
+
+
+def test_intermediate_features_are_what_the_heads_read():
+    """forward(features=True) returns the backbone features; the heads applied to them give the
+    logits (so prototypes and distillation losses see the real inputs of the classifiers)."""
+    from jaxda.train import common
+
+    model = _tiny()
+    x = jax.random.normal(jax.random.key(1), (2, 33, 65, 3))
+    variables = model.init(jax.random.key(0), x)
+    outputs, _, features = common.forward(model, variables, x, train=False, features=True)
+    assert set(features) == {"layer1", "layer2", "layer3", "layer4"}
+    assert features["layer4"].shape == (2, 5, 9, 128)  # 8 x width planes x 4 (bottleneck).
+    aspp = deeplab_v2.ASPPClassifier(5, model.aspp_dilations, model.num_aspp_branches)
+    for head, layer in (("main", "layer4"), ("aux", "layer3")):
+        logits = aspp.apply({"params": variables["params"][f"head_{head}"]}, features[layer])
+        np.testing.assert_allclose(logits, outputs[head], rtol=1e-5, atol=1e-6)
+    plain, _ = common.forward(model, variables, x, train=False)
+    np.testing.assert_array_equal(plain["main"], outputs["main"])

@@ -106,3 +106,21 @@ def test_two_sgd_steps_match_pytorch_formula():
     d_lr = config.disc_optimizer.learning_rate
     d_lr2 = d_lr * (1 - 1 / 10) ** 0.9
     np.testing.assert_allclose(1.0 - disc, d_lr + d_lr2, rtol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["copy", "ema", "keep"])
+def test_ema_update(mode):
+    from jaxda.train import common
+
+    rng = np.random.default_rng(0)
+    teacher, student = (
+        {"params": {"w": rng.normal(size=3)}, "batch_stats": {"mean": rng.normal(size=3)}}
+        for _ in range(2)
+    )
+    new = common.ema_update(teacher, student, 0.99, batch_stats=mode)
+    np.testing.assert_allclose(
+        new["params"]["w"], 0.99 * teacher["params"]["w"] + 0.01 * student["params"]["w"]
+    )
+    t, s = teacher["batch_stats"]["mean"], student["batch_stats"]["mean"]
+    expected = {"copy": s, "keep": t, "ema": 0.99 * t + 0.01 * s}[mode]
+    np.testing.assert_allclose(new["batch_stats"]["mean"], expected)
