@@ -27,6 +27,9 @@ def get_config(arg=None):
     args = common.parse_arg(arg, synthetic=False, source="gta5", norm=False, episodic=False)
     config = common.base_config()
     config.method = "bn_adapt" if args.norm else "tent"
+    # The data first: `synthetic` sets the SGD learning rate of the training configs, which
+    # the test-time optimizer below replaces.
+    common.select_data(config, args)
     # BN normalises with batch statistics and its affine parameters are trainable.
     config.model.bn_mode = "train"
     config.optimizer = ml_collections.ConfigDict(
@@ -48,5 +51,4 @@ def get_config(arg=None):
     # One step per evaluation batch; checkpoints as often as a long pass needs.
     config.checkpoint_every_steps = 100
     config.log_every_steps = 10
-    common.select_data(config, args)
     return config

@@ -31,6 +31,8 @@ def test_config_builds(module, arg):
     setup = trainer.build(config, mesh_lib.make_mesh(1))
     if module is tent:  # Test-time adaptation on the evaluation split.
         assert setup.method.test_time
+        # The official Adam settings, whatever the data variant sets for training configs.
+        assert (config.optimizer.name, config.optimizer.learning_rate) == ("adam", 1e-3)
         assert config.optimizer.freeze == ((".*",) if "norm" in arg else ())
         assert ("source" in setup.abstract_state.teachers) == ("episodic" in arg)
         return
