@@ -25,11 +25,14 @@ from configs import common
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg, synthetic=False, source="gta5", single=False, ls=False)
+    args = common.parse_arg(
+        arg, synthetic=False, source="gta5", single=False, ls=False, model="deeplab_v2"
+    )
     config = common.base_config()
     config.method = "adaptseg"
     config.adversarial = common.adversarial_block(0.001, 0.0002)
     common.select_data(config, args)
+    common.select_model(config, args)
     if args.synthetic:
         config.adversarial.lambda_adv = {"main": 0.01, "aux": 0.002}
     if args.single:

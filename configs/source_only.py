@@ -15,8 +15,9 @@ from configs import common
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg, synthetic=False, source="gta5")
+    args = common.parse_arg(arg, synthetic=False, source="gta5", model="deeplab_v2")
     config = common.base_config()
     config.method = "source_only"
     common.select_data(config, args)
+    common.select_model(config, args)
     return config

@@ -13,9 +13,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxda.models import deeplab_v2, discriminators
+from jaxda.models import deeplab_v2, deeplab_v3plus, discriminators
 
-SEGMENTERS = {"deeplab_v2": deeplab_v2.DeepLabV2}
+SEGMENTERS = {
+    "deeplab_v2": deeplab_v2.DeepLabV2,
+    "deeplabv3plus": deeplab_v3plus.DeepLabV3Plus,
+}
 DISCRIMINATORS = {"fc": discriminators.FCDiscriminator}
 # Spatial size of the dummy input that initialisation traces; parameter shapes do not depend
 # on it (the discriminator needs at least 32 px).

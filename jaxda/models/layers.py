@@ -66,16 +66,25 @@ def max_pool_ceil(x: jax.Array, window: int, stride: int, padding: int) -> jax.A
     return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
 
 
-def batch_norm(name: str, *, use_running_average: bool) -> nn.BatchNorm:
+def batch_norm(
+    name: str, *, use_running_average: bool, use_fast_variance: bool = True
+) -> nn.BatchNorm:
     """BatchNorm with PyTorch's defaults (momentum 0.1 -> Flax 0.9, eps 1e-5).
 
     All BatchNorm modules in jaxda are created here and their names start with "bn", which is
     how the optimizer finds BN affine parameters to freeze (see `is_batch_norm_param`).
+    `use_fast_variance=False` computes the batch variance in two passes, as PyTorch does:
+    Flax's E[x^2] - E[x]^2 cancels badly when a channel's mean is large against its spread
+    (DeepLabV3+'s image-pooling BN sees one value per image).
     """
     if not name.startswith("bn"):
         raise ValueError(f"BatchNorm module names must start with 'bn', got {name!r}")
     return nn.BatchNorm(
-        use_running_average=use_running_average, momentum=0.9, epsilon=1e-5, name=name
+        use_running_average=use_running_average,
+        momentum=0.9,
+        epsilon=1e-5,
+        use_fast_variance=use_fast_variance,
+        name=name,
     )
 
 

@@ -1,0 +1,170 @@
+"""ResNet in the torchvision form used by DeepLabV3+ (RobustNet, jfzhang95's pytorch-deeplab).
+
+Differences from the Caffe form of `resnet.py`: a bottleneck's stride sits in its 3x3 conv
+(`conv2`); the stem max-pool has no ceil mode; the output stride is 16 (layer4 at stride 1 with
+dilation 2) or 8 (layer3 dilation 2, layer4 dilation 4), and every block of a dilated layer,
+block 0 included, uses that layer's dilation (RobustNet's `D16` / `D` variants, jfzhang95's
+`_make_layer`). Options: RobustNet's `ResNet3X3` deep stem (three 3x3 convs, width-width-2 x
+width) and jfzhang95's multi-grid, where layer4's block i has dilation `dilation x grid[i]`.
+Spatial sizes follow PyTorch's arithmetic exactly (`feature_sizes`).
+"""
+
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+
+from jaxda.models import layers
+
+# Blocks per layer for the published depths.
+STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+# (stride, dilation) of layer1..layer4 per output stride.
+LAYER_PLANS = {
+    16: ((1, 1), (2, 1), (2, 1), (1, 2)),
+    8: ((1, 1), (2, 1), (1, 2), (1, 4)),
+}
+# torchvision's and jfzhang95's from-scratch init: kaiming_normal_(mode='fan_out', 'relu').
+kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+# Two-pass batch variance throughout DeepLabV3+ (see `layers.batch_norm`).
+batch_norm = functools.partial(layers.batch_norm, use_fast_variance=False)
+
+
+def _conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1, name: str):
+    pad = dilation * (kernel - 1) // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        kernel_dilation=(dilation, dilation),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        kernel_init=kaiming_fan_out,
+        name=name,
+    )
+
+
+class Bottleneck(nn.Module):
+    """torchvision bottleneck: 1x1 -> 3x3 (stride, dilation) -> 1x1 (4x planes), + shortcut."""
+
+    planes: int
+    stride: int = 1
+    dilation: int = 1
+    project: bool = False
+    use_running_average: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bn_mask: jax.Array | None = None) -> jax.Array:
+        def bn(name):
+            norm = batch_norm(name, use_running_average=self.use_running_average)
+            return lambda y: norm(y, mask=bn_mask)
+
+        residual = x
+        y = nn.relu(bn("bn1")(_conv(self.planes, 1, name="conv1")(x)))
+        y = _conv(self.planes, 3, stride=self.stride, dilation=self.dilation, name="conv2")(y)
+        y = nn.relu(bn("bn2")(y))
+        y = bn("bn3")(_conv(self.planes * 4, 1, name="conv3")(y))
+        if self.project:
+            residual = _conv(self.planes * 4, 1, stride=self.stride, name="downsample")(x)
+            residual = bn("bn_downsample")(residual)
+        return nn.relu(y + residual)
+
+
+def layer_dilations(
+    stage_sizes: Sequence[int], output_stride: int, multi_grid: Sequence[int] = ()
+) -> tuple[tuple[int, ...], ...]:
+    """Per layer, the dilation of each block's 3x3 conv (multi-grid scales layer4's)."""
+    if output_stride not in LAYER_PLANS:
+        raise ValueError(f"output_stride={output_stride} must be one of {sorted(LAYER_PLANS)}")
+    if multi_grid and len(multi_grid) != stage_sizes[3]:
+        # jfzhang95's `_make_MG_unit` builds exactly len(grid) blocks in layer4.
+        raise ValueError(
+            f"multi_grid={tuple(multi_grid)} needs one entry per layer4 block "
+            f"({stage_sizes[3]} blocks)"
+        )
+    result = []
+    for index, (blocks, (_, dilation)) in enumerate(
+        zip(stage_sizes, LAYER_PLANS[output_stride], strict=True)
+    ):
+        grid = tuple(multi_grid) if index == 3 and multi_grid else (1,) * blocks
+        result.append(tuple(dilation * g for g in grid))
+    return tuple(result)
+
+
+class ResNet(nn.Module):
+    """torchvision-form ResNet backbone for DeepLabV3+.
+
+    Attributes:
+      stage_sizes: blocks in layer1..layer4, e.g. (3, 4, 6, 3) for ResNet-50.
+      width: planes of layer1 (64 in the published models; smaller for tests / benchmarks).
+      output_stride: 16 or 8.
+      deep_stem: RobustNet's `ResNet3X3` stem (3x3 convs width, width, 2 x width; the first
+        with stride 2) instead of the 7x7 stride-2 conv.
+      multi_grid: layer4's per-block dilation multipliers, e.g. (1, 2, 4); () = all 1.
+      use_running_average: BN normalises with running statistics (True) or batch statistics.
+    """
+
+    stage_sizes: Sequence[int] = STAGE_SIZES[50]
+    width: int = 64
+    output_stride: int = 16
+    deep_stem: bool = False
+    multi_grid: Sequence[int] = ()
+    use_running_average: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bn_mask: jax.Array | None = None) -> dict[str, jax.Array]:
+        """[N, H, W, 3] -> {'layer1'..'layer4': [N, h, w, channels]} (layer1 at stride 4).
+
+        bn_mask: optional [N] bool: batch statistics are taken over these images only.
+        """
+        if bn_mask is not None:
+            bn_mask = bn_mask[:, None, None, None]
+
+        def conv_bn_relu(y, features, kernel, stride, index):
+            y = _conv(features, kernel, stride=stride, name=f"conv{index}")(y)
+            norm = batch_norm(f"bn{index}", use_running_average=self.use_running_average)
+            return nn.relu(norm(y, mask=bn_mask))
+
+        if self.deep_stem:
+            x = conv_bn_relu(x, self.width, 3, 2, 1)
+            x = conv_bn_relu(x, self.width, 3, 1, 2)
+            x = conv_bn_relu(x, self.width * 2, 3, 1, 3)
+        else:
+            x = conv_bn_relu(x, self.width, 7, 2, 1)
+        # PyTorch pads max-pooling with -inf, as reduce_window's padding does here.
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        dilations = layer_dilations(self.stage_sizes, self.output_stride, self.multi_grid)
+        features = {}
+        for layer_index, ((stride, _), block_dilations) in enumerate(
+            zip(LAYER_PLANS[self.output_stride], dilations, strict=True), start=1
+        ):
+            for block, dilation in enumerate(block_dilations):
+                x = Bottleneck(
+                    planes=self.width * 2 ** (layer_index - 1),
+                    stride=stride if block == 0 else 1,
+                    dilation=dilation,
+                    # The stem's width (or 2 x width) never equals 4 x planes: every layer's
+                    # block 0 projects, as torchvision's `_make_layer` decides.
+                    project=block == 0,
+                    use_running_average=self.use_running_average,
+                    name=f"layer{layer_index}_{block}",
+                )(x, bn_mask)
+            features[f"layer{layer_index}"] = x
+        return features
+
+
+def feature_sizes(size: int, output_stride: int) -> dict[str, int]:
+    """Feature grid lengths for an input length, by PyTorch's arithmetic (513 -> 129 .. 33).
+
+    Stem conv (7x7 p3 or 3x3 p1, stride 2), max-pool (3x3, s2, p1, floor mode) and each
+    stride-2 3x3 conv (p1) all give floor((n - 1) / 2) + 1.
+    """
+    half = lambda n: (n - 1) // 2 + 1  # noqa: E731
+    n = half(half(size))
+    sizes = {"layer1": n}
+    for index, (stride, _) in enumerate(LAYER_PLANS[output_stride][1:], start=2):
+        n = half(n) if stride == 2 else n
+        sizes[f"layer{index}"] = n
+    return sizes
