@@ -1,4 +1,5 @@
-"""Convert the published methods' PyTorch checkpoints into jaxda orbax checkpoints.
+"""Convert the published methods' PyTorch checkpoints (DeepLabV2, DeepLabV3+, discriminators)
+into jaxda orbax checkpoints.
 
   python -m launch.convert --from=GTA2Cityscapes_multi-ed35151c.pth \
       --config=configs/adaptseg.py --out=/tmp/adaptseg_released
@@ -133,7 +134,7 @@ def convert_segmenter(
     skip_head: bool = False,
     check_aspp: bool = True,
 ) -> tuple[dict, ConversionReport]:
-    """(full DeepLabV2 variables of `config`, report) from a loaded checkpoint object.
+    """(full network variables of `config`, report) from a loaded checkpoint object.
 
     Args:
       obj: what `load_file` returns (a container dict or a state dict; tensors or arrays).
@@ -142,6 +143,9 @@ def convert_segmenter(
       skip_head / check_aspp: see `torch_layouts.map_state_dict`.
     """
     state_dict, container, others = _numpy_state_dict(obj)
+    layout = layout or layouts.detect_layout(list(state_dict), container)
+    if layout in layouts.LAYOUTS:  # Before the (slow) init: a DeepLabV2 file for V3+ or back.
+        layouts.check_model(layout, config.model.name, config.model.get("variant"))
     initial = init_segmenter(config)
     loaded, report = torch_layouts.map_state_dict(
         state_dict,

@@ -1,6 +1,6 @@
-"""The key layouts of the DeepLabV2-era UDA code's PyTorch checkpoints
-(docs/methods/checkpoints.md, "Checkpoint
-key layouts"), their containers, and detection of the layout from the keys (NumPy only).
+"""The key layouts of the published UDA / DG code's PyTorch checkpoints (DeepLabV2 and
+DeepLabV3+; docs/methods/checkpoints.md, "Checkpoint key layouts"), their containers, and
+detection of the layout from the keys (NumPy only).
 
 Layouts (`LAYOUTS`, auto-detected from the keys by `detect_layout`, or named with --layout):
 
@@ -24,6 +24,15 @@ Layouts (`LAYOUTS`, auto-detected from the keys by `detect_layout`, or named wit
                   is ignored. torchvision puts a bottleneck's stride in its 3x3 conv, the Caffe
                   ResNet in the first 1x1: the weights have the same names and shapes and are
                   loaded by name, as ProDA does.
+  robustnet       RobustNet's DeepLabV3+ (model 'deeplabv3plus', variant 'robustnet'):
+                  `layer0.{0,1}` (conv1, bn1; the ResNet3X3 stem adds `layer0.{3,4,6,7}` =
+                  conv2, bn2, conv3, bn3), `layer1..4`, `aspp.{img_conv,features}`, `bot_aspp`,
+                  `bot_fine`, `final1`, `final2`, `dsn` (the aux head); IBN-style affine
+                  `instance_norm_layer` parameters (--wt_layer 4) are skipped.
+  deeplabv3plus_jfzhang95
+                  jfzhang95's DeepLabV3+ (Adversarial_DA_Exp; variant 'jfzhang95'):
+                  `backbone.<torchvision names>`, `aspp.{aspp1..4,global_avg_pool,conv1,bn1}`,
+                  `decoder.{conv1,bn1,last_conv}`.
   disc_adaptseg   AdaptSegNet's FCDiscriminator: `conv1..conv4`, `classifier`.
   disc_advent     ADVENT's nn.Sequential discriminator: `0, 2, 4, 6, 8`.
 
@@ -48,7 +57,10 @@ class Layout:
     Attributes:
       name: the --layout value.
       description: where such files come from.
-      kind: 'segmenter' (DeepLabV2 variables) or 'discriminator' (FCDiscriminator params).
+      kind: 'segmenter' (network variables) or 'discriminator' (FCDiscriminator params).
+      model: the `config.model.name` the layout's weights fit ('deeplab_v2', 'deeplabv3plus',
+        or '' for a bare backbone that loads into either).
+      variant: DeepLabV3+ layouts: the `config.model.variant` they need.
       prefix: every key starts with it (after an optional 'module.'); stripped.
       heads: (PyTorch module, jaxda head) pairs of the ASPP classifiers.
       modules: discriminator layouts: (PyTorch module, jaxda conv) pairs.
@@ -61,6 +73,8 @@ class Layout:
     name: str
     description: str
     kind: str = "segmenter"
+    model: str = "deeplab_v2"
+    variant: str = ""
     prefix: str = ""
     heads: tuple[tuple[str, str], ...] = ()
     modules: tuple[tuple[str, str], ...] = ()
@@ -70,6 +84,7 @@ class Layout:
 
 
 _DISC_NAMES = ("conv1", "conv2", "conv3", "conv4", "classifier")
+_MODEL_TITLES = {"deeplab_v2": "DeepLabV2", "deeplabv3plus": "DeepLabV3+"}
 
 LAYOUTS = {
     layout.name: layout
@@ -122,7 +137,27 @@ LAYOUTS = {
         Layout(
             "torchvision",
             "torchvision ResNet (ImageNet) or a bare backbone; loaded by name",
+            model="",
             ignore=((r"fc\..*", "torchvision's ImageNet classifier"),),
+        ),
+        Layout(
+            "robustnet",
+            "RobustNet DeepLabV3+ (layer0..4, aspp, bot_aspp, bot_fine, final1/2, dsn)",
+            model="deeplabv3plus",
+            variant="robustnet",
+            skip=(
+                (
+                    r"layer[1-4]\.\d+\.instance_norm_layer\..*",
+                    "RobustNet's affine InstanceNorm (IBN, --wt_layer 4) is not modelled by "
+                    "jaxda's DeepLabV3+",
+                ),
+            ),
+        ),
+        Layout(
+            "deeplabv3plus_jfzhang95",
+            "jfzhang95 pytorch-deeplab-xception DeepLabV3+ (backbone, aspp, decoder)",
+            model="deeplabv3plus",
+            variant="jfzhang95",
         ),
         Layout(
             "disc_adaptseg",
@@ -152,8 +187,9 @@ def unwrap(obj) -> tuple[dict, str, list[str]]:
     """(state dict, container name, names of the container's other entries) of a loaded file.
 
     Containers: ProDA {'ResNet101': {'model_state': sd, ...}, 'iter', 'best_iou'}; da-sac
-    {'model': sd, 'opt', 'score', 'epoch'}; MaxSquare (and other trainers)
-    {'state_dict': sd, 'epoch', 'iteration', 'optimizer', 'best_MIou'}; or a bare state dict.
+    {'model': sd, 'opt', 'score', 'epoch'}; MaxSquare, RobustNet, jfzhang95 (and other
+    trainers) {'state_dict': sd, 'epoch', 'optimizer', ...}; {'model_state': sd, ...} (read by
+    Adversarial_DA_Exp's evaluate.py); or a bare state dict.
     The state dict's values are returned as they are (tensors or arrays).
     """
     if not isinstance(obj, Mapping):
@@ -165,14 +201,16 @@ def unwrap(obj) -> tuple[dict, str, list[str]]:
         others = [k for k in obj if k != "ResNet101"]
         others += [f"ResNet101.{k}" for k in resnet if k != "model_state"]
         return dict(resnet["model_state"]), "proda", sorted(map(str, others))
-    for container, key in (("dasac", "model"), ("state_dict", "state_dict")):
+    containers = (("dasac", "model"), ("state_dict", "state_dict"), ("model_state", "model_state"))
+    for container, key in containers:
         if _is_state_dict(obj.get(key)):
             return dict(obj[key]), container, sorted(str(k) for k in obj if k != key)
     if _is_state_dict(obj):
         return dict(obj), "bare", []
     raise ConversionError(
         "Cannot find a state dict in the file: expected a bare state dict or a dict with "
-        "'state_dict' (MaxSquare), 'model' (da-sac) or 'ResNet101.model_state' (ProDA); "
+        "'state_dict' (MaxSquare, RobustNet), 'model' (da-sac), 'model_state' or "
+        "'ResNet101.model_state' (ProDA); "
         f"top-level entries: {sorted(map(str, obj))[:20]}"
     )
 
@@ -195,6 +233,18 @@ def detect_layout(keys, container: str = "bare") -> str:
     rules = (  # First match wins.
         (any_starts("Scale."), "deeplab_init"),
         (any_starts("backbone.model."), "dasac"),
+        # Before torchvision: RobustNet's layer1..4 carry torchvision names too, and its stem is
+        # `layer0.*` (no top-level conv1); jfzhang95's whole backbone sits under `backbone.`.
+        (
+            any_starts(
+                "layer0.", "aspp.img_conv.", "aspp.features.", "bot_aspp.", "bot_fine.", "final1."
+            ),
+            "robustnet",
+        ),
+        (
+            any_starts("aspp.aspp", "aspp.global_avg_pool.", "decoder.last_conv.", "decoder.bn1."),
+            "deeplabv3plus_jfzhang95",
+        ),
         ({"0.weight", "8.weight"} <= names and "conv1.weight" not in names, "disc_advent"),
         (
             {"conv1.weight", "classifier.weight"} <= names and "bn1.weight" not in names,
@@ -212,3 +262,37 @@ def detect_layout(keys, container: str = "bare") -> str:
         "Cannot tell the checkpoint's layout from its keys (first ones: "
         f"{sorted(keys)[:8]}); pass --layout=one of {sorted(LAYOUTS)}."
     )
+
+
+def check_model(layout: str, model_name: str, variant: str | None = None) -> None:
+    """Raises ConversionError when a segmenter layout's weights do not fit the config's model
+    (`config.model.name`, and `config.model.variant` for DeepLabV3+ when given)."""
+    spec = LAYOUTS[layout]
+    if spec.kind != "segmenter" or not spec.model:
+        return
+    wanted = _MODEL_TITLES.get(spec.model, spec.model)
+    if spec.model != model_name:
+        if spec.model == "deeplabv3plus":
+            how = (
+                "convert with a DeepLabV3+ config, e.g. --config=configs/source_only.py:"
+                f"model=deeplabv3plus --config.model.variant={spec.variant} (and the file's "
+                "depth, deep_stem, output_stride)"
+            )
+        else:
+            how = (
+                "convert with a DeepLabV2 config (config.model.name='deeplab_v2'); only a "
+                "torchvision ImageNet backbone (--layout=torchvision) loads into DeepLabV3+"
+            )
+        raise ConversionError(
+            f"The file is a {wanted} checkpoint (layout {layout!r}), but the config's model is "
+            f"{_MODEL_TITLES.get(model_name, model_name)} (config.model.name={model_name!r}): "
+            f"{how}."
+        )
+    if spec.variant and variant is not None and spec.variant != variant:
+        raise ConversionError(
+            f"The file is a {spec.variant} DeepLabV3+ (layout {layout!r}), but "
+            f"config.model.variant={variant!r}: the variants concatenate features in other "
+            f"orders, so the weights would load but compute something else. Pass "
+            f"--config.model.variant={spec.variant}"
+            + (" --config.model.multi_level=False." if spec.variant == "jfzhang95" else ".")
+        )

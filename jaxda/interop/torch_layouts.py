@@ -1,10 +1,10 @@
-"""PyTorch checkpoints of the DeepLabV2-era UDA code -> jaxda's Flax variables (NumPy only).
+"""PyTorch checkpoints of the published UDA / DG code -> jaxda's Flax variables (NumPy only).
 
 This module knows the key layouts of the released checkpoints (reference:
-docs/methods/checkpoints.md,
-"Checkpoint key layouts") and maps a flat state dict (name -> array) onto the variables of
-`jaxda.models.deeplab_v2.DeepLabV2` or `jaxda.models.discriminators.FCDiscriminator`. It never
-imports torch: `jaxda.interop.convert` reads the files and hands the arrays over.
+docs/methods/checkpoints.md, "Checkpoint key layouts") and maps a flat state dict (name ->
+array) onto the variables of `jaxda.models.deeplab_v2.DeepLabV2`,
+`jaxda.models.deeplab_v3plus.DeepLabV3Plus` or `jaxda.models.discriminators.FCDiscriminator`.
+It never imports torch: `jaxda.interop.convert` reads the files and hands the arrays over.
 
 Layouts: `jaxda.interop.layouts`; ASPP branch detection: `jaxda.interop.aspp_detection`.
 
@@ -23,7 +23,14 @@ import numpy as np
 from flax import traverse_util
 
 from jaxda.interop.aspp_detection import detect_aspp_branches
-from jaxda.interop.layouts import LAYOUTS, ConversionError, Layout, detect_layout, strip_module
+from jaxda.interop.layouts import (
+    LAYOUTS,
+    ConversionError,
+    Layout,
+    check_model,
+    detect_layout,
+    strip_module,
+)
 
 # Ignored in every layout (the legacy Caffe-converted files have none).
 _NUM_BATCHES_TRACKED = "BatchNorm step counter (unused by jaxda)"
@@ -95,12 +102,14 @@ def _path_str(path: tuple) -> str:
 
 
 def _backbone_path(name: str) -> tuple | None:
-    """jaxda variable path of a backbone tensor name ('layer3.4.bn2.running_var'), or None."""
-    if name == "conv1.weight":
-        return ("params", "backbone", "conv1", "kernel")
-    if m := re.fullmatch(rf"bn1\.{_BN}", name):
-        collection, leaf = _BN_FIELDS[m[1]]
-        return (collection, "backbone", "bn1", leaf)
+    """jaxda variable path of a backbone tensor name ('layer3.4.bn2.running_var'), or None.
+
+    Stem conv2/bn2/conv3/bn3 exist only in RobustNet's ResNet3X3 (jaxda's `deep_stem`)."""
+    if m := re.fullmatch(r"(conv[1-3])\.weight", name):
+        return ("params", "backbone", m[1], "kernel")
+    if m := re.fullmatch(rf"(bn[1-3])\.{_BN}", name):
+        collection, leaf = _BN_FIELDS[m[2]]
+        return (collection, "backbone", m[1], leaf)
     if m := re.fullmatch(r"layer([1-4])\.(\d+)\.(.+)", name):
         block, rest = f"layer{m[1]}_{int(m[2])}", m[3]
         if c := re.fullmatch(r"(conv[1-3])\.weight", rest):
@@ -111,6 +120,77 @@ def _backbone_path(name: str) -> tuple | None:
             collection, leaf = _BN_FIELDS[c[2]]
             module = "bn_downsample" if c[1] == "downsample.1" else c[1]
             return (collection, "backbone", block, module, leaf)
+    return None
+
+
+def _units(*pairs) -> dict[str, tuple]:
+    """{torch module: (jaxda module path, 'conv' | 'bn')} of (conv, bn, jaxda unit) triples;
+    a None bn marks a bare conv (a classifier)."""
+    table = {}
+    for conv, bn, path in pairs:
+        if bn is None:
+            table[conv] = (path, "conv")
+        else:
+            table[conv] = ((*path, "conv"), "conv")
+            table[bn] = ((*path, "bn"), "bn")
+    return table
+
+
+# DeepLabV3+ heads (docs/methods/checkpoints.md): official module names -> jaxda modules.
+_V3PLUS_HEADS = {
+    "robustnet": _units(
+        ("aspp.img_conv.0", "aspp.img_conv.1", ("aspp", "pool")),
+        *(
+            (f"aspp.features.{i}.0", f"aspp.features.{i}.1", ("aspp", f"branch{i}"))
+            for i in range(4)
+        ),
+        ("bot_aspp.0", "bot_aspp.1", ("aspp", "project")),
+        ("bot_fine.0", "bot_fine.1", ("decoder", "low_level")),
+        ("final1.0", "final1.1", ("decoder", "conv1")),
+        ("final1.3", "final1.4", ("decoder", "conv2")),
+        ("final2.0", None, ("decoder", "classifier")),
+        ("dsn.0", "dsn.1", ("head_aux", "unit")),
+        ("dsn.4", None, ("head_aux", "classifier")),
+    ),
+    "jfzhang95": _units(
+        *(
+            (f"aspp.aspp{i + 1}.atrous_conv", f"aspp.aspp{i + 1}.bn", ("aspp", f"branch{i}"))
+            for i in range(4)
+        ),
+        ("aspp.global_avg_pool.1", "aspp.global_avg_pool.2", ("aspp", "pool")),
+        ("aspp.conv1", "aspp.bn1", ("aspp", "project")),
+        ("decoder.conv1", "decoder.bn1", ("decoder", "low_level")),
+        ("decoder.last_conv.0", "decoder.last_conv.1", ("decoder", "conv1")),
+        ("decoder.last_conv.4", "decoder.last_conv.5", ("decoder", "conv2")),
+        ("decoder.last_conv.8", None, ("decoder", "classifier")),
+    ),
+}
+# RobustNet's `layer0 = nn.Sequential(conv1, bn1, relu1[, conv2, bn2, relu2, conv3, bn3,
+# relu3], maxpool)`: Sequential indices -> torchvision stem names.
+_ROBUSTNET_STEM = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"}
+
+
+def _v3plus_path(name: str, variant: str) -> tuple[tuple, str] | None:
+    """(jaxda path, group) of a DeepLabV3+ tensor name (after 'module.'), or None."""
+    backbone_name = None
+    if variant == "robustnet":
+        if m := re.fullmatch(r"layer0\.(\d+)\.(.+)", name):
+            stem = _ROBUSTNET_STEM.get(m[1])
+            backbone_name = f"{stem}.{m[2]}" if stem else ""
+        elif re.match(r"layer[1-4]\.", name):
+            backbone_name = name
+    elif name.startswith("backbone."):
+        backbone_name = name[len("backbone.") :]
+    if backbone_name is not None:
+        path = _backbone_path(backbone_name)
+        return None if path is None else (path, "backbone")
+    module, _, field = name.rpartition(".")
+    path, kind = _V3PLUS_HEADS[variant].get(module, (None, None))
+    if kind == "conv" and field in ("weight", "bias"):
+        return ("params", *path, "kernel" if field == "weight" else "bias"), path[0]
+    if kind == "bn" and field in _BN_FIELDS:
+        collection, leaf = _BN_FIELDS[field]
+        return (collection, *path, leaf), path[0]
     return None
 
 
@@ -163,7 +243,8 @@ def map_state_dict(
     Args:
       state_dict: name -> array (NumPy or anything `np.asarray` takes), PyTorch layouts.
       target: the model's variables or their shapes (e.g. `jax.eval_shape` of `model.init`):
-        {'params': ..., 'batch_stats': ...} of DeepLabV2, or {'params': ...} of FCDiscriminator.
+        {'params': ..., 'batch_stats': ...} of DeepLabV2 or DeepLabV3+, or {'params': ...} of
+        FCDiscriminator.
       layout: a `LAYOUTS` name; None detects it from the keys.
       container / container_entries: from `unwrap`, for the report.
       skip_head: load no head tensor (the heads keep their initialisation), e.g. for another
@@ -175,8 +256,9 @@ def map_state_dict(
       ({jaxda path tuple: float32 array in Flax layout} of the loaded tensors, report).
 
     Raises:
-      ConversionError: unknown layout, a shape mismatch (naming the key and both shapes), a
-        backbone depth mismatch, or an ASPP branch-count disagreement.
+      ConversionError: unknown layout, a layout of another network than the target's
+        (DeepLabV2 vs DeepLabV3+), a shape mismatch (naming the key and both shapes), a
+        backbone depth or stem mismatch, or an ASPP branch-count disagreement.
     """
     layout = layout or detect_layout(list(state_dict), container)
     if layout not in LAYOUTS:
@@ -187,6 +269,8 @@ def map_state_dict(
     if is_discriminator != ("backbone" not in target.get("params", {})):
         kind = "a discriminator" if is_discriminator else "a segmentation network"
         raise ConversionError(f"Layout {layout!r} describes {kind}, the target does not.")
+    if not is_discriminator:
+        check_model(layout, "deeplabv3plus" if "decoder" in target["params"] else "deeplab_v2")
     report = ConversionReport(layout=layout, container=container)
     for name in container_entries:
         report.ignored[name] = f"{container} checkpoint entry (not network weights)"
@@ -265,6 +349,11 @@ def map_state_dict(
             f"not understood, e.g. {report.unexpected[:4]}); pass the right --layout "
             f"(one of {sorted(LAYOUTS)})."
         )
+    if spec.model == "deeplabv3plus" and loaded:
+        report.notes.append(
+            "output stride, multi-grid and ASPP rates are not stored in the weights: the "
+            "config's are used (config.model.output_stride / multi_grid / aspp_rates)"
+        )
     if report.unexpected:
         report.notes.append(
             f"{len(report.unexpected)} key(s) were not understood in layout {layout!r} and were "
@@ -281,6 +370,9 @@ def _parse(key: str, name: str, spec: Layout, heads: dict) -> _Entry | None:
             return None
         leaf = "kernel" if m[2] == "weight" else "bias"
         return _Entry(key, ("params", modules[m[1]], leaf), None, "discriminator")
+    if spec.model == "deeplabv3plus":
+        found = _v3plus_path(name, spec.variant)
+        return None if found is None else _Entry(key, found[0], None, found[1])
     if m := re.fullmatch(r"(\w+)\.conv2d_list\.(\d+)\.(weight|bias)", name):
         if m[1] not in heads:
             return None
@@ -292,7 +384,23 @@ def _parse(key: str, name: str, spec: Layout, heads: dict) -> _Entry | None:
     return None if path is None else _Entry(key, path, None, "backbone")
 
 
+def _has_deep_stem(paths) -> bool:
+    return any(p[1:3] == ("backbone", "conv2") for p in paths)
+
+
 def _check_depth(entries: dict, targets: dict) -> None:
+    stem_in_file = any(p[1:3] == ("backbone", "conv1") for p in entries)
+    if stem_in_file and _has_deep_stem(entries) != _has_deep_stem(targets):
+        raise ConversionError(
+            "The file's stem is "
+            + (
+                "RobustNet's ResNet3X3 (three 3x3 convs), the config's model has a 7x7 stem: "
+                "set --config.model.deep_stem=True (a DeepLabV3+ option)."
+                if _has_deep_stem(entries)
+                else "a single 7x7 conv, the config's model has the three-conv deep stem: "
+                "set --config.model.deep_stem=False."
+            )
+        )
     in_file, in_model = _blocks(entries), _blocks(targets)
     if in_file and in_file != in_model:
 
@@ -306,6 +414,11 @@ def _check_depth(entries: dict, targets: dict) -> None:
         )
 
 
+def _is_head(group: str) -> bool:
+    """DeepLabV2's head_* and DeepLabV3+'s aspp, decoder, head_aux: all but the backbone."""
+    return group not in ("backbone", "discriminator")
+
+
 def _check_shapes(entries, targets, spec, report, skip_head) -> None:
     """Shape mismatches raise; heads are skipped instead with --skip_head or in init files."""
     mismatched = collections.defaultdict(list)  # group -> [(key, file shape, model shape)]
@@ -314,7 +427,7 @@ def _check_shapes(entries, targets, spec, report, skip_head) -> None:
             expected = _torch_shape(targets[path].shape)
             if tuple(entry.value.shape) != expected:
                 mismatched[entry.group].append((entry.key, tuple(entry.value.shape), expected))
-    for group in sorted({e.group for e in entries.values() if e.group.startswith("head_")}):
+    for group in sorted({e.group for e in entries.values() if _is_head(e.group)}):
         reason = None
         if skip_head:
             reason = "--skip_head: the model's heads keep their initialisation"
@@ -334,7 +447,7 @@ def _check_shapes(entries, targets, spec, report, skip_head) -> None:
             f"  {key}: file {found}, model {expected}" for key, found, expected in problems[:10]
         )
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        heads_only = all(g.startswith("head_") for g in mismatched)
+        heads_only = all(_is_head(g) for g in mismatched)
         hint = (
             "The heads differ (another class count?): pass --skip_head to load the backbone only "
             "and keep the heads at their initialisation, or set --config.num_classes."
@@ -350,7 +463,7 @@ def _check_shapes(entries, targets, spec, report, skip_head) -> None:
 def _aspp(entries, model_branches, report, check) -> None:
     per_module = collections.defaultdict(dict)
     for entry in entries.values():
-        if entry.group.startswith("head_"):
+        if entry.group.startswith("head_") and entry.branch >= 0:  # DeepLabV2 ASPP branches.
             weight_or_bias = 0 if entry.path[-1] == "kernel" else 1
             per_module[(entry.group, entry.module)].setdefault(entry.branch, [None, None])
             per_module[(entry.group, entry.module)][entry.branch][weight_or_bias] = entry.value
