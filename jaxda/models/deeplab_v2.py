@@ -105,17 +105,9 @@ class DeepLabV2(nn.Module):
     def from_config(cls, model_config: ml_collections.ConfigDict, num_classes: int):
         """From config.model: depth (or stage_sizes), width, aspp_dilations,
         num_aspp_branches, multi_level, bn_mode ('frozen' keeps running statistics)."""
-        stage_sizes = model_config.stage_sizes
-        if stage_sizes is None:
-            if model_config.depth not in resnet.STAGE_SIZES:
-                raise ValueError(
-                    f"config.model.depth={model_config.depth} is not one of "
-                    f"{sorted(resnet.STAGE_SIZES)}; set config.model.stage_sizes for another depth"
-                )
-            stage_sizes = resnet.STAGE_SIZES[model_config.depth]
         return cls(
             num_classes=num_classes,
-            stage_sizes=tuple(stage_sizes),
+            stage_sizes=layers.stage_sizes(model_config, resnet.STAGE_SIZES),
             width=model_config.width,
             aspp_dilations=tuple(model_config.aspp_dilations),
             num_aspp_branches=model_config.num_aspp_branches,

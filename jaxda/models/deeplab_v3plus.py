@@ -246,17 +246,9 @@ class DeepLabV3Plus(nn.Module):
     @classmethod
     def from_config(cls, model_config: ml_collections.ConfigDict, num_classes: int):
         """From config.model (`configs.common.use_deeplabv3plus` lists the keys)."""
-        stage_sizes = model_config.get("stage_sizes")
-        if stage_sizes is None:
-            if model_config.depth not in resnet_torchvision.STAGE_SIZES:
-                raise ValueError(
-                    f"config.model.depth={model_config.depth} is not one of "
-                    f"{sorted(resnet_torchvision.STAGE_SIZES)}; set config.model.stage_sizes"
-                )
-            stage_sizes = resnet_torchvision.STAGE_SIZES[model_config.depth]
         return cls(
             num_classes=num_classes,
-            stage_sizes=tuple(stage_sizes),
+            stage_sizes=layers.stage_sizes(model_config, resnet_torchvision.STAGE_SIZES),
             width=model_config.width,
             output_stride=model_config.output_stride,
             deep_stem=model_config.deep_stem,

@@ -103,3 +103,16 @@ def torch_default_uniform(key: jax.Array, shape, dtype=jnp.float32, *, fan_in: i
 torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 # DeepLabV2's `m.weight.data.normal_(0, 0.01)` for every conv of the segmentation network.
 deeplab_kernel_init = nn.initializers.normal(stddev=0.01)
+
+
+def stage_sizes(model_config, table: dict) -> tuple[int, ...]:
+    """Blocks per ResNet layer: config.model.stage_sizes if set, else table[config.model.depth]."""
+    sizes = model_config.get("stage_sizes")
+    if sizes is not None:
+        return tuple(sizes)
+    if model_config.depth not in table:
+        raise ValueError(
+            f"config.model.depth={model_config.depth} is not one of {sorted(table)}; set "
+            "config.model.stage_sizes for another depth"
+        )
+    return tuple(table[model_config.depth])

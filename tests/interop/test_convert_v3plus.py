@@ -4,10 +4,8 @@ official keys by this file's own table), converted by `convert.convert_file`, re
 against the PyTorch model; layout detection and mismatch errors."""
 
 import functools
-import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,6 +13,7 @@ from configs import source_only
 from jaxda import checkpoints, models
 from jaxda.interop import convert, layouts, torch_layouts
 from tests.interop import fakes
+from tests.models.test_deeplab_v3plus import relative_errors
 
 torch = pytest.importorskip("torch")
 ref = pytest.importorskip("jaxda.interop.torch_reference_v3plus")
@@ -116,7 +115,7 @@ def _restore(out: str, config):
     model = models.build_segmenter(config.model, config.num_classes)
     abstract = models.abstract_variables(model)
     variables, _ = checkpoints.restore_model_variables(
-        checkpoints.find_step_dir(out), abstract, json.loads(config.model.to_json())
+        checkpoints.find_step_dir(out), abstract, checkpoints.model_meta(config.model)
     )
     return model, jax.device_get(variables)
 
@@ -137,21 +136,7 @@ def test_converted_file_matches_torch(name, tmp_path):
 
     model, variables = _restore(str(tmp_path / "out"), config)
     x = torch.randn(2, 3, 57, 75, generator=torch.Generator().manual_seed(3)) * 2 + 0.5
-    x_nhwc = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
-    errors = {}
-    for mode in ("eval", "train"):
-        torch_model.train(mode == "train")
-        with torch.no_grad():
-            aux, main = torch_model(x)
-        torch_model.eval()
-        if mode == "eval":
-            out = jax.jit(model.apply)(variables, x_nhwc)
-        else:
-            apply = functools.partial(model.apply, train=True, mutable=["batch_stats"])
-            out = jax.jit(apply)(variables, x_nhwc)[0]
-        torch_out = {"main": main} | ({} if aux is None else {"aux": aux})
-        assert set(out) == set(torch_out)
-        errors[mode] = {k: parity.relative_error(out[k], v) for k, v in torch_out.items()}
+    errors = relative_errors(model, variables, torch_model, x)
     print(f"{name} relative errors: {errors}")
     assert max(e for per_head in errors.values() for e in per_head.values()) < TOLERANCE, errors
 

@@ -195,6 +195,29 @@ def _to_flax(torch_model) -> dict:
     return variables
 
 
+def relative_errors(model, variables, torch_model, x) -> dict:
+    """{'eval' | 'train': {head: relative error}} of the JAX model against the PyTorch
+    transcription on NCHW input `x`, with running statistics and with batch statistics."""
+    parity = pytest.importorskip("tests.interop.test_parity")
+    torch = pytest.importorskip("torch")
+    x_nhwc = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+    errors = {}
+    for mode in ("eval", "train"):
+        torch_model.train(mode == "train")
+        with torch.no_grad():
+            aux, main = torch_model(x)
+        torch_model.eval()
+        if mode == "eval":
+            out = jax.jit(model.apply)(variables, x_nhwc)
+        else:
+            apply = functools.partial(model.apply, train=True, mutable=["batch_stats"])
+            out, _ = jax.jit(apply)(variables, x_nhwc)
+        torch_out = {"main": main} | ({} if aux is None else {"aux": aux})
+        assert set(out) == set(torch_out)
+        errors[mode] = {k: parity.relative_error(out[k], v) for k, v in torch_out.items()}
+    return errors
+
+
 @pytest.mark.parametrize("name", SETTINGS)
 def test_parity_with_torch(name):
     torch = pytest.importorskip("torch")
@@ -211,21 +234,7 @@ def test_parity_with_torch(name):
     assert shapes(variables) == shapes(expected)  # Every parameter carried over, none extra.
 
     x = torch.randn(2, 3, 65, 97, generator=generator) * 2 + 0.5
-    x_nhwc = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
-    errors = {}
-    for mode in ("eval", "train"):
-        torch_model.train(mode == "train")
-        with torch.no_grad():
-            aux, main = torch_model(x)
-        torch_model.eval()
-        if mode == "eval":
-            out = jax.jit(model.apply)(variables, x_nhwc)
-        else:
-            apply = functools.partial(model.apply, train=True, mutable=["batch_stats"])
-            out, _ = jax.jit(apply)(variables, x_nhwc)
-        torch_out = {"main": main} | ({} if aux is None else {"aux": aux})
-        assert set(out) == set(torch_out)
-        errors[mode] = {k: parity.relative_error(out[k], v) for k, v in torch_out.items()}
+    errors = relative_errors(model, variables, torch_model, x)
     print(f"{name} relative errors: {errors}")
     for mode, per_head in errors.items():
         for head, error in per_head.items():
