@@ -13,22 +13,25 @@ from jaxda.models.layers import resize_bilinear_align_corners
 from jaxda.train.state import TrainState
 
 
-def forward(model, variables: dict, images, *, train: bool, features: bool = False):
+def forward(model, variables: dict, images, *, train: bool, features: bool = False, rng=None):
     """Runs a segmentation network; in training mode BN may update its running statistics.
 
     Args:
       variables: {'params', 'batch_stats'} of the network.
       features: also return the backbone features the model sows ('intermediates').
+      rng: training mode: the 'dropout' key of models with dropout (DeepLabV3+); models
+        without dropout ignore it, so it changes nothing for them.
 
     Returns:
       ({head: [N, h, w, classes] logits at stride 8}, new batch_stats), and with `features`
       a third element {name: [N, h, w, channels]}.
     """
     mutable = (["batch_stats"] if train else []) + (["intermediates"] if features else [])
+    rngs = {"dropout": rng} if train and rng is not None else None
     if mutable:
-        outputs, updates = model.apply(variables, images, train=train, mutable=mutable)
+        outputs, updates = model.apply(variables, images, train=train, mutable=mutable, rngs=rngs)
     else:
-        outputs, updates = model.apply(variables, images, train=train), {}
+        outputs, updates = model.apply(variables, images, train=train, rngs=rngs), {}
     batch_stats = updates.get("batch_stats", variables.get("batch_stats", {}))
     if not features:
         return outputs, batch_stats
@@ -37,7 +40,7 @@ def forward(model, variables: dict, images, *, train: bool, features: bool = Fal
     return outputs, batch_stats, sown
 
 
-def forward_domains(model, seg_params, batch_stats, batch):
+def forward_domains(model, seg_params, batch_stats, batch, rng=None):
     """Source then target through the network in training mode, upsampled as the methods do.
 
     Both domains pass through the same BN layers in order, as in the PyTorch loops: with batch
@@ -45,14 +48,18 @@ def forward_domains(model, seg_params, batch_stats, batch):
     Source logits go to the label size, target logits to the input size (AdaptSegNet, ADVENT,
     MaxSquare all do this).
 
+    Args:
+      rng: the step's key; each domain's forward gets its own dropout key from it.
+
     Returns:
       ({head: [N, H, W, C] source logits}, {head: target logits}, new batch_stats).
     """
     source, target = batch["source"], batch["target"]
+    keys = (None, None) if rng is None else tuple(jax.random.split(rng))
     variables = {"params": seg_params, "batch_stats": batch_stats}
-    source_out, batch_stats = forward(model, variables, source["image"], train=True)
+    source_out, batch_stats = forward(model, variables, source["image"], train=True, rng=keys[0])
     variables = {"params": seg_params, "batch_stats": batch_stats}
-    target_out, batch_stats = forward(model, variables, target["image"], train=True)
+    target_out, batch_stats = forward(model, variables, target["image"], train=True, rng=keys[1])
     source_up = upsample(source_out, source["label"].shape[1:3])
     return source_up, upsample(target_out, target["image"].shape[1:3]), batch_stats
 
@@ -108,16 +115,27 @@ def generator_adversarial_loss(
 
 
 def discriminator_loss(
-    discriminator, disc_params, source_inputs, target_inputs, gan: str
+    discriminator, disc_params, source_inputs, target_inputs, gan: str, da_exp_bugs: bool = False
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """sum_head 0.5 GAN(D(source), 0) + 0.5 GAN(D(target), 1) on stop-gradient inputs."""
+    """sum_head 0.5 GAN(D(source), 0) + 0.5 GAN(D(target), 1) on stop-gradient inputs.
+
+    `da_exp_bugs`: Adversarial_DA_Exp's loss as written (docs/methods/adversarial_da_exp.md):
+    bug 1, the target term uses the source label 0; bug 2, the aux discriminator's source term
+    is computed on the main discriminator's source output (so its gradient reaches D_main, and
+    D_aux learns from target inputs only).
+    """
     total, metrics = 0.0, {}
+    target_label = adversarial.SOURCE_LABEL if da_exp_bugs else adversarial.TARGET_LABEL
     for head in target_inputs:
         params = {"params": disc_params[head]}
-        source = discriminator.apply(params, jax.lax.stop_gradient(source_inputs[head]))
+        source_head = "main" if da_exp_bugs and head == "aux" else head
+        source = discriminator.apply(
+            {"params": disc_params[source_head]},
+            jax.lax.stop_gradient(source_inputs[source_head]),
+        )
         target = discriminator.apply(params, jax.lax.stop_gradient(target_inputs[head]))
         loss = 0.5 * adversarial.gan_loss(gan, source, adversarial.SOURCE_LABEL)
-        loss = loss + 0.5 * adversarial.gan_loss(gan, target, adversarial.TARGET_LABEL)
+        loss = loss + 0.5 * adversarial.gan_loss(gan, target, target_label)
         metrics[f"loss_disc_{head}"] = loss
         total = total + loss
     return total, metrics

@@ -13,7 +13,9 @@ def train_step(state, batch, *, networks, tx, config):
 
     def loss_fn(seg_params):
         variables = {"params": seg_params, "batch_stats": state.batch_stats}
-        outputs, batch_stats = common.forward(model, variables, images, train=True)
+        outputs, batch_stats = common.forward(
+            model, variables, images, train=True, rng=state.step_key()
+        )
         loss, metrics = common.supervised_loss(
             common.upsample(outputs, labels.shape[1:3]), labels, common.source_head_weights(config)
         )

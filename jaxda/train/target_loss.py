@@ -55,7 +55,7 @@ def make_train_step(target_loss_fn):
 
         def loss_fn(seg_params):
             source_up, target_up, batch_stats = common.forward_domains(
-                model, seg_params, state.batch_stats, batch
+                model, seg_params, state.batch_stats, batch, state.step_key()
             )
             seg_loss, metrics = common.supervised_loss(
                 source_up, labels, common.source_head_weights(config)

@@ -35,7 +35,7 @@ def train_step(state, batch, *, networks, tx, config):
 
     def loss_fn(seg_params):
         source_up, target_up, batch_stats = common.forward_domains(
-            model, seg_params, state.batch_stats, batch
+            model, seg_params, state.batch_stats, batch, state.step_key()
         )
         loss, metrics = common.supervised_loss(
             source_up, source["label"], common.source_head_weights(config)

@@ -308,3 +308,33 @@ def test_model_argument_builds_deeplabv3plus(module):
     )  # fmt: skip
     with pytest.raises(ValueError, match="model"):
         module.get_config("model=deeplab_v4")
+
+
+def test_train_steps_pass_a_dropout_key():
+    """With dropout on, a train step runs (the trainer passes a 'dropout' key) and two steps
+    from the same state with different step keys differ only through dropout."""
+
+    from jaxda import mesh as mesh_lib
+    from jaxda.train import trainer
+    from tests.conftest import tiny_config
+
+    config = tiny_config("source_only")
+    common.use_deeplabv3plus(config, synthetic=True)
+    config.model.dropout = True
+    mesh = mesh_lib.make_mesh(1)
+    setup = trainer.build(config, mesh)
+    rng = np.random.default_rng(0)
+    batch = {
+        "source": {
+            "image": rng.normal(size=(8, 32, 64, 3)).astype(np.float32),
+            "label": rng.integers(0, 19, size=(8, 32, 64)).astype(np.uint8),
+        }
+    }
+    step = trainer.jit_train_step(config, setup)
+    losses = []
+    for seed_rng in (0, 1):
+        state = trainer.init_state(config, setup)
+        state = state.replace(rng=jax.random.key_data(jax.random.key(seed_rng)))
+        _, metrics = step(state, mesh_lib.to_global(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all() and losses[0] != losses[1]
