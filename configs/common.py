@@ -48,8 +48,11 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     return result
 
 
-def domain(name: str, split: str, size=None, label_map: str = "") -> ml_collections.ConfigDict:
-    """One input stream: a TFDS dataset split, resized to `size` = (height, width) if given.
+def domain(
+    name: str, split: str, size=None, label_map: str = "", subset: str = ""
+) -> ml_collections.ConfigDict:
+    """One input stream: a TFDS dataset split, resized to `size` = (height, width) if given;
+    `subset` names a bundled id list (jaxda/data/subsets.py) of the split's examples to keep.
 
     The augmentation keys act on training streams only (evaluation is never augmented) and are
     all off by default, as in AdaptSegNet and ADVENT (docs/methods/adaptsegnet.md, advent.md). Each
@@ -64,6 +67,7 @@ def domain(name: str, split: str, size=None, label_map: str = "") -> ml_collecti
             "image_key": "image",
             "label_key": "label",
             "label_map": label_map,
+            "subset": subset,  # '' = the whole split.
             # (min, max): rescale by U(min, max) x `size` (x the original size if unset);
             # bicubic image, nearest label. Needs crop_size or size (then cropped back to it).
             "random_scale": (),
@@ -206,7 +210,7 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-SOURCES = ("gta5", "synthia")
+SOURCES = ("gta5", "synthia", "cityscapes_group0")
 
 
 def select_data(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict) -> None:
@@ -219,6 +223,8 @@ def select_data(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict) -
         use_synthetic(c)
     elif args.source == "synthia":
         use_synthia(c)
+    elif args.source == "cityscapes_group0":
+        use_cityscapes_groups(c)
 
 
 MODELS = ("deeplab_v2", "deeplabv3plus")
@@ -257,8 +263,9 @@ def use_deeplabv3plus(c: ml_collections.ConfigDict, synthetic: bool = False) -> 
             "low_level_width": 48,
             "aux_width": 512,
             "multi_level": True,  # RobustNet's `dsn` aux head on layer3.
-            # The references' dropout in training. Off: the training loop passes no 'dropout'
-            # rng yet (jaxda/train); True raises there until it does.
+            # The references' dropout in training (the train steps pass a 'dropout' key from
+            # the step's PRNG key). Off by default until the DeepLabV3+ configs are measured
+            # with it; test-time adaptation (TENT) runs without it.
             "dropout": False,
             # As in base_config; both references train BN (SyncBN) with its affine.
             "bn_mode": "train",
@@ -286,7 +293,14 @@ def advent_config(method: str) -> ml_collections.ConfigDict:
 def adversarial_block(lambda_main: float, lambda_aux: float) -> ml_collections.ConfigDict:
     """config.adversarial: the output-space GAN of AdaptSegNet and AdvEnt."""
     return ml_collections.ConfigDict(
-        {"lambda_adv": {"main": lambda_main, "aux": lambda_aux}, "gan": "bce"}  # or "ls"
+        {
+            "lambda_adv": {"main": lambda_main, "aux": lambda_aux},
+            "gan": "bce",  # or "ls"
+            # Adversarial_DA_Exp's three bugs (docs/methods/adversarial_da_exp.md): target
+            # discriminator inputs labelled 'source', D_aux's source term on D_main's output,
+            # no poly decay for D_aux. Off = the intended AdaptSegNet losses.
+            "replicate_da_exp_bugs": False,
+        }
     )
 
 
@@ -303,6 +317,22 @@ def use_synthia(c: ml_collections.ConfigDict) -> None:
         "13": labels.SYNTHIA_13_CLASSES,
         "19": tuple(range(labels.NUM_CLASSES)),
     }
+
+
+def use_cityscapes_groups(c: ml_collections.ConfigDict) -> None:
+    """Adversarial_DA_Exp's city shift: Cityscapes group 0 -> group 1 (19 classes).
+
+    Every stream reads the `cityscapes_fine` train split through a bundled id list
+    (jaxda/data/subsets.py): source = group 0's 1,532 images, target = group 1's 1,246, evaluation
+    = group 1's 90 held-out images. As in its MaxSquare-based loader, images at 1024x512 and
+    evaluation on labels resized to 1024x512 (nearest).
+    """
+    size = (512, 1024)
+    c.data.source = domain("cityscapes_fine", "train", size, subset="cityscapes_group0_train")
+    c.data.target = domain("cityscapes_fine", "train", size, subset="cityscapes_group1_train")
+    c.data.eval = domain("cityscapes_fine", "train", size, subset="cityscapes_group1_val")
+    c.data.eval.label_size = size
+    c.data.eval.batch_size = 1
 
 
 def use_synthetic(c: ml_collections.ConfigDict) -> None:

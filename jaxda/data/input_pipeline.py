@@ -286,6 +286,7 @@ def open_reader(
         data_config.data_dir,
         stream_config.image_key,
         stream_config.label_key,
+        stream_config.get("subset", ""),
     )
 
 

@@ -7,6 +7,7 @@ index. Random access is what makes the training order a pure function of (seed, 
 therefore resumable exactly (see `input_pipeline`).
 """
 
+import json
 import os
 from collections.abc import Sequence
 
@@ -15,6 +16,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from jax.experimental import multihost_utils
 
+from jaxda.data import subsets
 from jaxda.data.builders import (  # noqa: F401  (importing registers the builders)
     cityscapes,
     gta5,
@@ -93,7 +95,11 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
 
 
 class SplitReader(Sequence):
-    """Encoded examples of one split: `reader[i]` -> {'image': png bytes, 'label': png bytes}."""
+    """Encoded examples of one split: `reader[i]` -> {'image': png bytes, 'label': png bytes}.
+
+    `subset`: a bundled id list (`jaxda.data.subsets`); the reader then holds only the listed
+    examples, in split order, and fails if the prepared split lacks any of them.
+    """
 
     def __init__(
         self,
@@ -102,6 +108,7 @@ class SplitReader(Sequence):
         data_dir: str | None = None,
         image_key: str = "image",
         label_key: str = "label",
+        subset: str = "",
     ):
         builder = get_builder(name, data_dir)
         if split not in builder.info.splits:
@@ -119,10 +126,35 @@ class SplitReader(Sequence):
         self.image_key, self.label_key = image_key, label_key
         skip = tfds.decode.SkipDecoding()
         self._source = builder.as_data_source(split, decoders={image_key: skip, label_key: skip})
+        self.subset = subset
+        self._indices = None
+        if subset:
+            if "image_id" not in features:
+                raise ValueError(
+                    f"Dataset {name!r} stores no 'image_id'; subset={subset!r} needs it"
+                )
+            self._indices = subsets.select(subset, split, self._image_ids(builder, split))
+
+    def _image_ids(self, builder, split: str) -> list[str]:
+        """Every example's 'image_id', in split order, cached beside the prepared dataset: the
+        ids are stored with the images, so the first listing reads every record once."""
+        path = os.path.join(builder.data_dir, f"image_ids-{split}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        ids = [self._source[i]["image_id"] for i in range(len(self._source))]
+        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(ids, f)
+        os.replace(tmp, path)  # Atomic: concurrent processes write the same list.
+        return ids
 
     def __len__(self) -> int:
-        return len(self._source)
+        return len(self._source) if self._indices is None else len(self._indices)
 
     def __getitem__(self, index: int) -> dict[str, bytes]:
+        if self._indices is not None:
+            index = self._indices[index]
         example = self._source[int(index)]
         return {"image": example[self.image_key], "label": example[self.label_key]}

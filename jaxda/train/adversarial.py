@@ -7,6 +7,8 @@ adversarial loss of the target predictions through the frozen discriminators, wi
 optimizers step, every gradient taken at the parameters of the start of the step.
 """
 
+import dataclasses
+
 import jax
 
 from jaxda.losses import entropy
@@ -28,10 +30,20 @@ def discriminator_heads(config) -> tuple[str, ...]:
     return ("main", "aux") if config.model.multi_level else ("main",)
 
 
+def replicates_da_exp_bugs(config) -> bool:
+    """config.adversarial.replicate_da_exp_bugs: Adversarial_DA_Exp's three bugs, see
+    `common.discriminator_loss` (bugs 1, 2) and `networks` (bug 3)."""
+    return bool(config.adversarial.get("replicate_da_exp_bugs", False))
+
+
 def networks(config) -> dict[str, spec.Network]:
     """The segmentation network and one discriminator per head ('disc/main', 'disc/aux')."""
     heads = discriminator_heads(config)
-    return {"seg": spec.segmenter(config), **spec.discriminators(config, heads)}
+    discs = spec.discriminators(config, heads)
+    if replicates_da_exp_bugs(config) and "disc/aux" in discs:
+        # Bug 3: Adversarial_DA_Exp's poly scheduler is never called on optimizer_D2.
+        discs["disc/aux"] = dataclasses.replace(discs["disc/aux"], constant_lr=True)
+    return {"seg": spec.segmenter(config), **discs}
 
 
 def make_train_step(discriminator_input: str):
@@ -47,10 +59,11 @@ def make_train_step(discriminator_input: str):
         heads = discriminator_heads(config)
         adv_weights = {head: config.adversarial.lambda_adv[head] for head in heads}
         gan = config.adversarial.gan
+        da_exp_bugs = replicates_da_exp_bugs(config)
 
         def loss_fn(seg_params):
             source_up, target_up, batch_stats = common.forward_domains(
-                model, seg_params, state.batch_stats, batch
+                model, seg_params, state.batch_stats, batch, state.step_key()
             )
             source_inputs = {h: to_input(source_up[h]) for h in heads}
             target_inputs = {h: to_input(target_up[h]) for h in heads}
@@ -69,7 +82,7 @@ def make_train_step(discriminator_input: str):
 
         def disc_loss_fn(disc_params):
             return common.discriminator_loss(
-                discriminator, disc_params, source_inputs, target_inputs, gan
+                discriminator, disc_params, source_inputs, target_inputs, gan, da_exp_bugs
             )
 
         (disc_loss, disc_metrics), disc_grads = jax.value_and_grad(disc_loss_fn, has_aux=True)(

@@ -21,6 +21,7 @@ from jaxda.models import layers
 from jaxda.train import state as state_lib
 
 FROZEN = "frozen"
+CONSTANT = "constant"  # Label suffix of groups of a `constant_lr` network.
 
 
 def poly_schedule(base_lr: float, decay_steps: int, power: float) -> optax.Schedule:
@@ -67,7 +68,7 @@ def network_labels(
 
 
 def _group_transform(
-    config: ml_collections.ConfigDict, block: str, group: str
+    config: ml_collections.ConfigDict, block: str, group: str, constant: bool = False
 ) -> optax.GradientTransformation:
     opt = config[block]
     multipliers = dict(opt.lr_multipliers)
@@ -77,7 +78,7 @@ def _group_transform(
             f"(it has {sorted(multipliers)}); add one, e.g. {group}=1.0"
         )
     multiplier = multipliers[group]
-    base = schedule(config, block)
+    base = optax.constant_schedule(opt.learning_rate) if constant else schedule(config, block)
     learning_rate = lambda count: multiplier * base(count)  # noqa: E731
     weight_decay = opt.get("weight_decay", 0.0) * dict(opt.get("weight_decay_multipliers", {})).get(
         group, 1.0
@@ -119,9 +120,13 @@ def make_optimizer(
             freeze=tuple(opt.get("freeze", ())),
             train_only=tuple(opt.get("train_only", ())),
         )
+        if network.constant_lr:
+            labels[name] = jax.tree.map(
+                lambda x: x if x == FROZEN else f"{x}/{CONSTANT}", labels[name]
+            )
         groups.update(x for x in jax.tree.leaves(labels[name]) if x != FROZEN)
     transforms = {FROZEN: optax.set_to_zero()}
     for label in sorted(groups):
-        block, group = label.split("/")
-        transforms[label] = _group_transform(config, block, group)
+        block, group, *constant = label.split("/")
+        transforms[label] = _group_transform(config, block, group, constant == [CONSTANT])
     return optax.partition(transforms, state_lib.nest(labels))

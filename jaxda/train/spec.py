@@ -25,12 +25,15 @@ class Network:
         for a teacher: checkpointed and restored like the rest, never seen by the optimizer.
       init: default initialisation when `config.init.<name>` is unset: '' (random), or
         'copy:NAME' (the variables of another network, after that one is initialised).
+      constant_lr: the block's base learning rate without its poly decay (only for
+        replicating Adversarial_DA_Exp's undecayed second discriminator).
     """
 
     module: Any
     input_channels: int = 3
     optimizer: str | None = "optimizer"
     init: str = ""
+    constant_lr: bool = False
 
     @property
     def is_teacher(self) -> bool:
