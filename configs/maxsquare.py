@@ -30,15 +30,15 @@ from configs import common
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg, synthetic=False, source="gta5", iw=False, multi=False)
+    args = common.parse_arg(
+        arg, synthetic=False, source="gta5", model="deeplab_v2", iw=False, multi=False
+    )
     config = common.base_config()
     config.method = "maxsquare"
     config.total_steps = 29_760
     config.optimizer.decay_steps = 0  # Poly over the run.
     config.disc_optimizer.decay_steps = 0
-    config.model.bn_mode = "train"
     config.optimizer.freeze = ("backbone/bn1/.*",)
-    config.model.multi_level = args.multi
     config.loss.lambda_seg_aux = 0.1 if args.multi else 0.0
     config.maxsquare = ml_collections.ConfigDict(
         {
@@ -50,6 +50,9 @@ def get_config(arg=None):
         }
     )
     common.select_data(config, args)
+    common.select_model(config, args)
+    config.model.bn_mode = "train"
+    config.model.multi_level = args.multi
     if not args.synthetic:
         for stream in (config.data.source, config.data.target):
             stream.flip, stream.blur_prob, stream.blur_sigma = True, 0.5, (0.0, 1.0)

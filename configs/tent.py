@@ -24,12 +24,15 @@ from configs import common
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg, synthetic=False, source="gta5", norm=False, episodic=False)
+    args = common.parse_arg(
+        arg, synthetic=False, source="gta5", model="deeplab_v2", norm=False, episodic=False
+    )
     config = common.base_config()
     config.method = "bn_adapt" if args.norm else "tent"
     # The data first: `synthetic` sets the SGD learning rate of the training configs, which
     # the test-time optimizer below replaces.
     common.select_data(config, args)
+    common.select_model(config, args)
     # BN normalises with batch statistics and its affine parameters are trainable.
     config.model.bn_mode = "train"
     config.optimizer = ml_collections.ConfigDict(
