@@ -1,14 +1,22 @@
 r"""jaxda vs a PyTorch re-implementation: AdaptSegNet train step and eval forward, side by side.
 
-  python benchmarks/speed_benchmark.py [--height=256 --width=512] [--eval_height=512
-      --eval_width=1024] [--steps=5] [--threads=N] [--depth=101] [--json=OUT.json]
+  python benchmarks/speed_benchmark.py [--model=deeplab_v2] [--height=256 --width=512]
+      [--eval_height=512 --eval_width=1024] [--steps=5] [--threads=N] [--depth=101]
+      [--json=OUT.json]
 
 Measures, on this machine and with the same number of threads for both frameworks:
-  * the multi-level AdaptSegNet train step of DeepLabV2-ResNet-101 (batch 1 source + 1 target
-    at --height x --width, two output-space discriminators, SGD + Adam; PyTorch in the
-    official order: seg backward, adversarial backward, discriminator backward, then the steps),
+  * the multi-level AdaptSegNet train step (batch 1 source + 1 target at --height x --width,
+    two output-space discriminators on the main and aux heads, SGD + Adam; PyTorch in the
+    official order: seg backward, adversarial backward, discriminator backward, then the steps)
+    of --model: 'deeplab_v2', DeepLabV2-ResNet-101 as AdaptSegNet trains it (2 ASPP branches,
+    BN in training mode with frozen affine; `jaxda/interop/torch_reference.py`), or
+    'deeplabv3plus', RobustNet's DeepR50V3PlusD16 as `configs.common.use_deeplabv3plus` sets it
+    (torchvision ResNet-50, output stride 16, `dsn` aux head, BN in training mode with its affine
+    trained, no dropout; `jaxda/interop/torch_reference_v3plus.py`). --depth defaults to 101 and
+    50 respectively,
   * the evaluation forward at --eval_height x --eval_width (main head, logits upsampled with
-    align_corners=True to twice the input size as in the Cityscapes protocol, argmax).
+    align_corners=True to twice the input size as in the Cityscapes protocol, argmax; the
+    DeepLabV3+ is built without its aux head there, which the evaluation never reads).
 Each measurement runs in its own child process pinned to the same --threads CPU cores
 (`os.sched_setaffinity`, `torch.set_num_threads`), so peak memory (the child's maximum
 resident set size; `+model` subtracts the resident size after imports) belongs to one
@@ -32,6 +40,8 @@ import numpy as np
 
 WORKERS = ("jax_train", "torch_train", "jax_eval", "torch_eval")
 NUM_CLASSES = 19
+# --model -> (report name, default --depth).
+MODELS = {"deeplab_v2": ("DeepLabV2", 101), "deeplabv3plus": ("DeepLabV3+", 50)}
 
 
 def _rss_mib() -> float:
@@ -76,17 +86,99 @@ def _flops(compiled) -> float:
     return float(analysis.get("flops", float("nan")))
 
 
+def _config(args):
+    """AdaptSegNet's config (multi-level, lambda_adv 0.001 / 0.0002) with --model's network."""
+    from configs import adaptseg
+
+    config = adaptseg.get_config(f"model={args.model}")
+    config.model.depth = args.depth
+    config.num_devices = 1
+    return config
+
+
+def _jax_eval_model(args):
+    from jaxda import models
+
+    model_config = _config(args).model
+    if args.model == "deeplabv3plus":
+        model_config.multi_level = False  # Evaluation reads the main head only.
+    return models.build_segmenter(model_config, NUM_CLASSES)
+
+
+def _torch_model(args, train: bool):
+    """--model's PyTorch network in `train` or eval mode."""
+    from jaxda.interop import torch_reference, torch_reference_v3plus
+
+    layers = _stage_sizes(args.depth)
+    if args.model == "deeplab_v2":
+        model = torch_reference.DeepLabV2Torch(
+            num_classes=NUM_CLASSES, layers=layers, num_aspp_branches=2
+        )
+    else:
+        m = _config(args).model
+        model = torch_reference_v3plus.DeepLabV3PlusTorch(
+            num_classes=NUM_CLASSES,
+            layers=layers,
+            width=m.width,
+            output_stride=m.output_stride,
+            deep_stem=m.deep_stem,
+            multi_grid=tuple(m.multi_grid),
+            variant=m.variant,
+            head_width=m.head_width,
+            low_level_width=m.low_level_width,
+            aux_width=m.aux_width,
+            multi_level=m.multi_level and train,  # Evaluation reads the main head only.
+            dropout=m.dropout,
+        )
+        if train:
+            _batch_norm_without_size_check(model.aspp.img_conv[1])
+    return model.train(train)
+
+
+def _batch_norm_without_size_check(bn) -> None:
+    """Lets the training-mode `bn` normalise one value per channel, as jaxda's BN does.
+
+    At batch 1, the image-pooling branch's BN sees a [1, C, 1, 1] input: PyTorch's
+    `F.batch_norm` refuses it ("Expected more than 1 value per channel"), jaxda normalises it
+    (to BN's offset). The ATen op below does the same arithmetic as jaxda, without the check
+    (its unbiased running variance becomes NaN, which a training-mode step never reads).
+    """
+    import torch
+
+    def forward(x):
+        return torch.batch_norm(
+            x, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, bn.momentum, bn.eps,
+            False,
+        )  # fmt: skip
+
+    bn.forward = forward
+
+
+def _torch_param_groups(args, model) -> tuple[list, list]:
+    """(backbone, head) trainable parameters, grouped as jaxda's optimizer groups them."""
+    backbone, heads = [], []
+    for name, param in model.named_parameters():
+        if args.model == "deeplab_v2":
+            # AdaptSegNet: BN affine frozen, the ASPP heads (layer5, layer6) at 10x lr.
+            if ".bn" in f".{name}" or "downsample.1" in name:
+                param.requires_grad = False
+                continue
+            is_head = name.startswith(("layer5", "layer6"))
+        else:
+            # bn_mode 'train': BN affine trained (with weight decay); ASPP, decoder, dsn at 10x.
+            is_head = not name.startswith("backbone.")
+        (heads if is_head else backbone).append(param)
+    return backbone, heads
+
+
 def jax_train(args) -> dict:
     import jax
 
-    from configs import adaptseg
     from jaxda import mesh as mesh_lib
     from jaxda.train import trainer
 
     baseline = _rss_mib()
-    config = adaptseg.get_config()
-    config.model.depth = args.depth
-    config.num_devices = 1
+    config = _config(args)
     mesh = mesh_lib.make_mesh(1)
     setup = trainer.build(config, mesh)
     state = trainer.init_state(config, setup)
@@ -111,13 +203,10 @@ def jax_eval(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxda.models import deeplab_v2
     from jaxda.models.layers import resize_bilinear_align_corners
 
     baseline = _rss_mib()
-    model = deeplab_v2.DeepLabV2(
-        num_classes=NUM_CLASSES, stage_sizes=_stage_sizes(args.depth), num_aspp_branches=2
-    )
+    model = _jax_eval_model(args)
     image, _, _ = _inputs(args, (args.eval_height, args.eval_width))
     variables = jax.jit(lambda key: model.init(key, image, train=False))(jax.random.key(0))
     label_size = (2 * args.eval_height, 2 * args.eval_width)
@@ -141,19 +230,8 @@ def torch_train(args) -> dict:
 
     torch.manual_seed(0)
     baseline = _rss_mib()
-    # AdaptSegNet: 2 ASPP branches, BN in train mode with frozen affine, heads at 10x lr.
-    model = torch_reference.DeepLabV2Torch(
-        num_classes=NUM_CLASSES, layers=_stage_sizes(args.depth), num_aspp_branches=2
-    )
-    model.train()
-    backbone, heads = [], []
-    for name, param in model.named_parameters():
-        if ".bn" in f".{name}" or "downsample.1" in name:
-            param.requires_grad = False
-        elif name.startswith(("layer5", "layer6")):
-            heads.append(param)
-        else:
-            backbone.append(param)
+    model = _torch_model(args, train=True)
+    backbone, heads = _torch_param_groups(args, model)
     lr = 2.5e-4
     optimizer = torch.optim.SGD(
         [{"params": backbone, "lr": lr}, {"params": heads, "lr": 10 * lr}],
@@ -211,13 +289,9 @@ def torch_eval(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from jaxda.interop import torch_reference
-
     torch.manual_seed(0)
     baseline = _rss_mib()
-    model = torch_reference.DeepLabV2Torch(
-        num_classes=NUM_CLASSES, layers=_stage_sizes(args.depth), num_aspp_branches=2
-    ).eval()
+    model = _torch_model(args, train=False)
     image, _, _ = _inputs(args, (args.eval_height, args.eval_width))
     image = torch.from_numpy(image).permute(0, 3, 1, 2).contiguous()
     label_size = (2 * args.eval_height, 2 * args.eval_width)
@@ -273,6 +347,7 @@ def _cpu_name() -> str:
 
 def _report(results: dict, args) -> str:
     rows = []
+    model = f"{MODELS[args.model][0]}-R{args.depth}"
     for job, shape in (
         ("train", f"{args.height}x{args.width}"),
         ("eval", f"{args.eval_height}x{args.eval_width}"),
@@ -281,7 +356,7 @@ def _report(results: dict, args) -> str:
         jax_s, torch_s = statistics.median(jax_r["times"]), statistics.median(torch_r["times"])
         gflop = jax_r["flops"] / 1e9
         rows.append(
-            f"| {job} {shape} | {jax_s:.3f} | {torch_s:.3f} | {jax_s / torch_s:.2f} "
+            f"| {model} {job} {shape} | {jax_s:.3f} | {torch_s:.3f} | {jax_s / torch_s:.2f} "
             f"| {jax_r['peak_mib']:.0f} (+{jax_r['peak_mib'] - jax_r['baseline_mib']:.0f}) "
             f"| {torch_r['peak_mib']:.0f} (+{torch_r['peak_mib'] - torch_r['baseline_mib']:.0f}) "
             f"| {jax_r['compile_s']:.1f} | {gflop:.1f} | {gflop / jax_s:.1f} "
@@ -294,7 +369,7 @@ def _report(results: dict, args) -> str:
     )
     machine = (
         f"{_cpu_name()}, {os.cpu_count()} cores visible, "
-        f"{args.threads} threads per framework, ResNet-{args.depth}, {args.steps} timed steps"
+        f"{args.threads} threads per framework, {model}, {args.steps} timed steps"
     )
     return f"{machine}\n\n{header}\n" + "\n".join(rows)
 
@@ -310,10 +385,15 @@ def main() -> None:
     parser.add_argument("--eval_width", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--depth", type=int, default=101, choices=(50, 101))
+    parser.add_argument("--model", default="deeplab_v2", choices=tuple(MODELS))
+    parser.add_argument(
+        "--depth", type=int, default=None, choices=(50, 101), help="Default: 101 / 50 (V3+)."
+    )
     parser.add_argument("--worker", choices=WORKERS)
     parser.add_argument("--json", default=None, help="Also write the raw results here.")
     args = parser.parse_args()
+    if args.depth is None:
+        args.depth = MODELS[args.model][1]
     if args.worker:
         run_worker(args)
         return
