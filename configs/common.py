@@ -245,7 +245,10 @@ def use_deeplabv3plus(c: ml_collections.ConfigDict, synthetic: bool = False) -> 
 
     Adversarial_DA_Exp's network is depth=101, multi_grid=(1, 2, 4), variant='jfzhang95',
     multi_level=False; RobustNet's ResNet-101 is depth=101, deep_stem=True, output_stride=8.
-    Inputs, optimizer groups and losses stay the method's. `synthetic`: one block per layer,
+    Inputs, optimizer groups and losses stay the method's. Train with at least 2 images per
+    batch-statistics BN batch (the references use 2-8): at batch 1 the image-pooling branch's
+    BN normalises one value per channel, so that branch carries nothing (PyTorch refuses it).
+    `synthetic`: one block per layer,
     width 8, head widths / 4, ASPP rates (1, 2, 3) for the 4x8 layer4 grid of 64x128 inputs.
     """
     c.model = ml_collections.ConfigDict(
