@@ -6,7 +6,8 @@ use dilation 2 and 4 (output stride 8); every layer's block 0 has a projection s
 Spatial sizes follow PyTorch's arithmetic exactly: 512x1024 -> 65x129 at layer4.
 """
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -17,7 +18,15 @@ from jaxda.models import layers
 STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 
-def _conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1, name: str):
+def _conv(
+    features: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    dilation: int = 1,
+    name: str,
+    kernel_init=layers.deeplab_kernel_init,
+):
     pad = dilation * (kernel - 1) // 2
     return nn.Conv(
         features,
@@ -26,33 +35,47 @@ def _conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1, nam
         kernel_dilation=(dilation, dilation),
         padding=((pad, pad), (pad, pad)),
         use_bias=False,
-        kernel_init=layers.deeplab_kernel_init,
+        kernel_init=kernel_init,
         name=name,
     )
 
 
 class Bottleneck(nn.Module):
-    """Caffe-style bottleneck: 1x1 (stride) -> 3x3 (dilation) -> 1x1 (4x planes), + shortcut."""
+    """Bottleneck: 1x1 -> 3x3 (dilation) -> 1x1 (4x planes), + shortcut.
+
+    Caffe form (DeepLabV2) by default: the stride sits in the first 1x1 conv. The torchvision
+    form (`resnet_torchvision`) puts it in the 3x3 conv and initialises and normalises its own
+    way (`stride_in_3x3`, `kernel_init`, `fast_variance`).
+    """
 
     planes: int
     stride: int = 1
     dilation: int = 1
     project: bool = False
     use_running_average: bool = True
+    stride_in_3x3: bool = False
+    kernel_init: Callable = layers.deeplab_kernel_init
+    fast_variance: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, bn_mask: jax.Array | None = None) -> jax.Array:
         def bn(name):
-            norm = layers.batch_norm(name, use_running_average=self.use_running_average)
+            norm = layers.batch_norm(
+                name,
+                use_running_average=self.use_running_average,
+                use_fast_variance=self.fast_variance,
+            )
             return lambda y: norm(y, mask=bn_mask)
 
+        conv = functools.partial(_conv, kernel_init=self.kernel_init)
+        first_stride, mid_stride = (1, self.stride) if self.stride_in_3x3 else (self.stride, 1)
         residual = x
-        y = nn.relu(bn("bn1")(_conv(self.planes, 1, stride=self.stride, name="conv1")(x)))
-        y = _conv(self.planes, 3, dilation=self.dilation, name="conv2")(y)
+        y = nn.relu(bn("bn1")(conv(self.planes, 1, stride=first_stride, name="conv1")(x)))
+        y = conv(self.planes, 3, stride=mid_stride, dilation=self.dilation, name="conv2")(y)
         y = nn.relu(bn("bn2")(y))
-        y = bn("bn3")(_conv(self.planes * 4, 1, name="conv3")(y))
+        y = bn("bn3")(conv(self.planes * 4, 1, name="conv3")(y))
         if self.project:
-            residual = _conv(self.planes * 4, 1, stride=self.stride, name="downsample")(x)
+            residual = conv(self.planes * 4, 1, stride=self.stride, name="downsample")(x)
             residual = bn("bn_downsample")(residual)
         return nn.relu(y + residual)
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from jaxda.models import layers
+from jaxda.models import layers, resnet
 
 # Blocks per layer for the published depths.
 STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -32,44 +32,13 @@ kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 batch_norm = functools.partial(layers.batch_norm, use_fast_variance=False)
 
 
-def _conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1, name: str):
-    pad = dilation * (kernel - 1) // 2
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        kernel_dilation=(dilation, dilation),
-        padding=((pad, pad), (pad, pad)),
-        use_bias=False,
-        kernel_init=kaiming_fan_out,
-        name=name,
-    )
+_conv = functools.partial(resnet._conv, kernel_init=kaiming_fan_out)
 
 
-class Bottleneck(nn.Module):
-    """torchvision bottleneck: 1x1 -> 3x3 (stride, dilation) -> 1x1 (4x planes), + shortcut."""
-
-    planes: int
-    stride: int = 1
-    dilation: int = 1
-    project: bool = False
-    use_running_average: bool = True
-
-    @nn.compact
-    def __call__(self, x: jax.Array, bn_mask: jax.Array | None = None) -> jax.Array:
-        def bn(name):
-            norm = batch_norm(name, use_running_average=self.use_running_average)
-            return lambda y: norm(y, mask=bn_mask)
-
-        residual = x
-        y = nn.relu(bn("bn1")(_conv(self.planes, 1, name="conv1")(x)))
-        y = _conv(self.planes, 3, stride=self.stride, dilation=self.dilation, name="conv2")(y)
-        y = nn.relu(bn("bn2")(y))
-        y = bn("bn3")(_conv(self.planes * 4, 1, name="conv3")(y))
-        if self.project:
-            residual = _conv(self.planes * 4, 1, stride=self.stride, name="downsample")(x)
-            residual = bn("bn_downsample")(residual)
-        return nn.relu(y + residual)
+# The torchvision bottleneck: stride in the 3x3 conv, Kaiming init, two-pass BN variance.
+Bottleneck = functools.partial(
+    resnet.Bottleneck, stride_in_3x3=True, kernel_init=kaiming_fan_out, fast_variance=False
+)
 
 
 def layer_dilations(
