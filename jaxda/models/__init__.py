@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxda.models import deeplab_v2, deeplab_v3plus, discriminators
+from jaxda.models import deeplab_v2, deeplab_v3plus, discriminators, proda
 
 SEGMENTERS = {
     "deeplab_v2": deeplab_v2.DeepLabV2,
     "deeplabv3plus": deeplab_v3plus.DeepLabV3Plus,
+    "proda_deeplab_v2": proda.ProDADeepLabV2,
 }
 DISCRIMINATORS = {"fc": discriminators.FCDiscriminator}
 # Spatial size of the dummy input that initialisation traces; parameter shapes do not depend
