@@ -210,12 +210,7 @@ class DeepLabV3Plus(nn.Module):
                 "multi_level needs variant='robustnet': jfzhang95's DeepLabV3+ (as "
                 "Adversarial_DA_Exp uses it) has no aux head; set model.multi_level=False"
             )
-        deterministic = not (train and self.dropout)
-        if not deterministic and not self.has_rng("dropout"):
-            raise ValueError(
-                "DeepLabV3Plus training with dropout needs apply(..., rngs={'dropout': key}); "
-                "or set config.model.dropout=False"
-            )
+        deterministic = layers.dropout_is_deterministic(self, train, self.dropout)
         ura = not (train and self.train_batch_stats)
         features = resnet_torchvision.ResNet(
             stage_sizes=self.stage_sizes,

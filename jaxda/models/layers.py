@@ -116,3 +116,15 @@ def stage_sizes(model_config, table: dict) -> tuple[int, ...]:
             "config.model.stage_sizes for another depth"
         )
     return tuple(table[model_config.depth])
+
+
+def dropout_is_deterministic(module: nn.Module, train: bool, dropout: bool) -> bool:
+    """True when `module`'s dropout is off; training with dropout needs a 'dropout' rng, and
+    its absence is an error that says how to pass one or switch dropout off."""
+    deterministic = not (train and dropout)
+    if not deterministic and not module.has_rng("dropout"):
+        raise ValueError(
+            f"{type(module).__name__} training with dropout needs apply(..., rngs={{'dropout': "
+            "key}); or set config.model.dropout=False"
+        )
+    return deterministic

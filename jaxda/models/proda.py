@@ -111,12 +111,7 @@ class ProDADeepLabV2(nn.Module):
         head's [N, h, w, head_width] 'feature'. With `train=True` and `dropout`, pass
         `rngs={'dropout': key}`.
         """
-        deterministic = not (train and self.dropout)
-        if not deterministic and not self.has_rng("dropout"):
-            raise ValueError(
-                "ProDADeepLabV2 training with dropout needs apply(..., rngs={'dropout': key}); "
-                "or set config.model.dropout=False"
-            )
+        deterministic = layers.dropout_is_deterministic(self, train, self.dropout)
         use_running_average = not (train and self.train_batch_stats)
         features = resnet.ResNet(
             stage_sizes=self.stage_sizes,
