@@ -4,6 +4,10 @@
       --config=configs/adaptseg.py --out=/tmp/adaptseg_released
   python -m launch.main --config=configs/adaptseg.py --workdir=/tmp/adaptseg_released --mode=eval
 
+A ProDA `.pkl` with a ProDA network config (--config.model.name=proda_deeplab_v2, and
+--config.model.bn_clr for stage 2 / 3 files) loads whole and writes its prototypes to
+OUT/prototypes.npy; --layout=simclr reads ProDA's SimCLR init (backbone only).
+
 Needs PyTorch (pip install -e '.[torch]'). The layout is detected from the file's keys
 (--layout overrides it); the printed report lists what was loaded, what the file lacks (kept at
 the config's initialisation), and what was skipped or ignored, by name. This file is

@@ -15,6 +15,19 @@ would draw), `meta` holds {'step': 0, 'model': config.model, 'converted_from', '
 
 evaluate it and train from it. (OUT is not a training workdir: it holds no optimizer state.)
 
+ProDA `.pkl` files (layout `proda`) converted with a ProDA config (config.model.name
+'proda_deeplab_v2'; `--config.model.bn_clr` for the stage 2 / 3 models, which have
+`bn_pretrain`) load whole: backbone, head and `bn_pretrain`. Their class prototypes
+(`ResNet101.objective_vectors`, [C, 256]) are written beside the checkpoint as
+
+  OUT/prototypes.npy    float32 [num_classes, head_width]   (`PROTOTYPES_FILE`)
+
+so that ProDA's stage 1 can start from the released warm-up model and its prototypes; the
+report says so ("prototypes ... written to ..."). With a DeepLabV2 config only the backbone
+loads and no prototypes are written. ProDA saves no EMA network: a method with a teacher
+starts it as a copy of the converted student. SimCLRv2 inits (ProDA's `r101_1x_sk0.pth`,
+layout `simclr`, or `torchvision` when detected) load the backbone only.
+
 A discriminator checkpoint (AdaptSegNet or ADVENT layout) becomes `OUT/discriminator/` with the
 orbax items `params` (FCDiscriminator params, as `FCDiscriminator.apply({'params': ...})` takes
 them) and `meta` (JSON); `restore_discriminator` reads it back.
@@ -39,6 +52,7 @@ from jaxda.interop.layouts import ConversionError
 from jaxda.interop.torch_layouts import ConversionReport
 
 DISCRIMINATOR_SUBDIR = "discriminator"
+PROTOTYPES_FILE = "prototypes.npy"
 
 __all__ = [
     "ConversionError",
@@ -47,6 +61,7 @@ __all__ = [
     "convert_file",
     "convert_segmenter",
     "load_file",
+    "proda_prototypes",
     "restore_discriminator",
 ]
 
@@ -146,6 +161,8 @@ def convert_segmenter(
     layout = layout or layouts.detect_layout(list(state_dict), container)
     if layout in layouts.LAYOUTS:  # Before the (slow) init: a DeepLabV2 file for V3+ or back.
         layouts.check_model(layout, config.model.name, config.model.get("variant"))
+        if layout == "proda" and config.model.name == layouts.PRODA_MODEL:
+            layouts.check_bn_clr(list(state_dict), config.model.get("bn_clr", False))
     initial = init_segmenter(config)
     loaded, report = torch_layouts.map_state_dict(
         state_dict,
@@ -171,6 +188,44 @@ def convert_discriminator(
         state_dict, initial, layout, container=container, container_entries=others
     )
     return _merge(initial, loaded)["params"], report
+
+
+def proda_prototypes(obj) -> np.ndarray | None:
+    """ProDA's class prototypes (`obj['ResNet101']['objective_vectors']`, float32 [C, 256]) of a
+    loaded ProDA `.pkl`, or None when the file has none."""
+    resnet = obj.get("ResNet101") if isinstance(obj, dict) else None
+    vectors = resnet.get("objective_vectors") if isinstance(resnet, dict) else None
+    if vectors is None:
+        return None
+    return np.asarray(_to_numpy(vectors), dtype=np.float32)
+
+
+def _write_prototypes(obj, config, out: epath.Path, report: ConversionReport) -> None:
+    """Writes `out/prototypes.npy` for a ProDA file whose head was loaded into ProDA's network;
+    otherwise says in the report why they are not written."""
+    key = "ResNet101.objective_vectors"
+    prototypes = proda_prototypes(obj)
+    if prototypes is None or key not in report.ignored:
+        return
+    head_loaded = any(p.startswith("params/head/") for p in report.loaded.values())
+    expected = (config.num_classes, config.model.get("head_width", 256))
+    if config.model.name != layouts.PRODA_MODEL or not head_loaded:
+        report.ignored[key] = (
+            "ProDA's class prototypes: not written, they describe ProDA's head, which this "
+            "conversion did not load (convert with config.model.name='proda_deeplab_v2')"
+        )
+        return
+    if prototypes.shape != expected:
+        report.ignored[key] = (
+            f"ProDA's class prototypes: not written, shape {prototypes.shape} differs from "
+            f"[num_classes, head_width] = {list(expected)}"
+        )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / PROTOTYPES_FILE).open("wb") as f:
+        np.save(f, prototypes)
+    del report.ignored[key]
+    report.prototypes = str(out / PROTOTYPES_FILE)
 
 
 def _refuse_existing(path: epath.Path) -> None:
@@ -210,6 +265,8 @@ def convert_file(
         obj, config, layout=layout, skip_head=skip_head, check_aspp=check_aspp
     )
     report.source = str(path)
+    if container == "proda":
+        _write_prototypes(obj, config, out, report)
     meta |= {"model": checkpoints.model_meta(config.model), "report": report.to_dict()}
     checkpointer = checkpoints.Checkpointer(str(out), keep=1)
     checkpointer.save(0, {"model": jax.tree.map(jnp.asarray, variables)}, meta)

@@ -14,9 +14,15 @@ Layouts (`LAYOUTS`, auto-detected from the keys by `detect_layout`, or named wit
   maxsquare       MaxSquare: the same names under `module.` (DataParallel), usually inside
                   {'epoch', 'iteration', 'state_dict', 'optimizer', 'best_MIou'}.
   deeplab_single  `Res_Deeplab` (AdaptSegNet single-level / oracle): `layer5` = main head.
-  proda           ProDA `.pkl` {'ResNet101': {'model_state': ...}, ...}: only the backbone
-                  maps; ProDA's `layer5` (ASPP with GroupNorm and an SE bottleneck) has no
-                  counterpart in DeepLabV2 and is skipped, the heads keep their initialisation.
+  proda           ProDA `.pkl` {'ResNet101': {'model_state': ..., 'objective_vectors'}, 'iter',
+                  'best_iou'[, 'FCDiscriminator']}. Into ProDA's network (config.model.name
+                  'proda_deeplab_v2') everything loads: backbone, `layer5` -> `head`
+                  (`jaxda.models.proda.ProDAHead`) and `bn_pretrain` (--bn_clr; its presence must
+                  match config.model.bn_clr). Into DeepLabV2 only the backbone maps: ProDA's
+                  `layer5` (ASPP with GroupNorm and an SE bottleneck) has no counterpart there
+                  and is skipped, the heads keep their initialisation. The prototypes
+                  (`objective_vectors`) are written beside the converted checkpoint by
+                  `jaxda.interop.convert`; the warm-up discriminator is ignored.
   dasac           da-sac {'model': ..., 'opt', 'score', 'epoch'}: `module.backbone.model.*`,
                   `layer5` = a single head on layer4 (the main head); the momentum teacher
                   (`module.slow_net.*`), `module.running_conf` and `module.slow_init` are ignored.
@@ -24,6 +30,13 @@ Layouts (`LAYOUTS`, auto-detected from the keys by `detect_layout`, or named wit
                   is ignored. torchvision puts a bottleneck's stride in its 3x3 conv, the Caffe
                   ResNet in the first 1x1: the weights have the same names and shapes and are
                   loaded by name, as ProDA does.
+  simclr          SimCLRv2 ResNet as ProDA's --student_init simclr reads it
+                  (`torch.load('pretrained/simclr/r101_1x_sk0.pth')['state_dict']`, loaded by
+                  exact key match): torchvision names, `fc.*` ignored, so the same mapping as
+                  `torchvision`. SimCLRv2-Pytorch's own converter output ({'resnet': ..., 'head':
+                  ...}, keys `net.{stage}.blocks.{b}.net.{i}...`) is translated to those names
+                  (ProDA's loader would match none of them); selective-kernel (sk1) nets have no
+                  counterpart. Backbone only: heads and `bn_pretrain` keep their initialisation.
   robustnet       RobustNet's DeepLabV3+ (model 'deeplabv3plus', variant 'robustnet'):
                   `layer0.{0,1}` (conv1, bn1; the ResNet3X3 stem adds `layer0.{3,4,6,7}` =
                   conv2, bn2, conv3, bn3), `layer1..4`, `aspp.{img_conv,features}`, `bot_aspp`,
@@ -68,6 +81,9 @@ class Layout:
       ignore: (regex, reason): keys that are not part of the network.
       skip_mismatched_heads: a head whose shapes differ from the model's is skipped (as the
         official code does with the init files' 21-class head) instead of an error.
+      also_fits: other `config.model.name`s the layout's backbone loads into; for them
+        `partial_skip` and `partial_ignore` apply too (the rest has no counterpart there).
+      partial_skip / partial_ignore: (regex, reason) as `skip` / `ignore`, for `also_fits`.
     """
 
     name: str
@@ -81,10 +97,27 @@ class Layout:
     skip: tuple[tuple[str, str], ...] = ()
     ignore: tuple[tuple[str, str], ...] = ()
     skip_mismatched_heads: bool = False
+    also_fits: tuple[str, ...] = ()
+    partial_skip: tuple[tuple[str, str], ...] = ()
+    partial_ignore: tuple[tuple[str, str], ...] = ()
 
 
 _DISC_NAMES = ("conv1", "conv2", "conv3", "conv4", "classifier")
-_MODEL_TITLES = {"deeplab_v2": "DeepLabV2", "deeplabv3plus": "DeepLabV3+"}
+_MODEL_TITLES = {
+    "deeplab_v2": "DeepLabV2",
+    "deeplabv3plus": "DeepLabV3+",
+    "proda_deeplab_v2": "ProDA DeepLabV2",
+}
+PRODA_MODEL = "proda_deeplab_v2"
+# ProDA's `.pkl` entries that are not the segmentation network's weights.
+PRODA_ENTRIES = {
+    "FCDiscriminator": "ProDA's warm-up discriminator (output-space FCDiscriminator on the "
+    "segmentation network's output): not converted",
+    "ResNet101.objective_vectors": "ProDA's class prototypes: written to OUT/prototypes.npy "
+    "only for a 'proda_deeplab_v2' config with the head loaded",
+    "iter": "ProDA's training step counter",
+    "best_iou": "ProDA's best validation mIoU",
+}
 
 LAYOUTS = {
     layout.name: layout
@@ -113,15 +146,23 @@ LAYOUTS = {
         ),
         Layout(
             "proda",
-            "ProDA (backbone only)",
-            skip=(
+            "ProDA (backbone, layer5 head, bn_pretrain; backbone only into DeepLabV2)",
+            model=PRODA_MODEL,
+            also_fits=("deeplab_v2",),
+            partial_skip=(
                 (
                     r"layer5\..*",
                     "ProDA's head (ASPP with GroupNorm and an SE bottleneck) has no "
-                    "DeepLabV2 counterpart; jaxda's heads keep their initialisation",
+                    "DeepLabV2 counterpart (convert with config.model.name='proda_deeplab_v2' "
+                    "to load it); jaxda's heads keep their initialisation",
                 ),
             ),
-            ignore=((r"bn_pretrain\..*", "ProDA's --bn_clr copy of BatchNorm statistics"),),
+            partial_ignore=(
+                (
+                    r"bn_pretrain\..*",
+                    "ProDA's --bn_clr BatchNorm on layer4's output (DeepLabV2 has none)",
+                ),
+            ),
         ),
         Layout(
             "dasac",
@@ -139,6 +180,12 @@ LAYOUTS = {
             "torchvision ResNet (ImageNet) or a bare backbone; loaded by name",
             model="",
             ignore=((r"fc\..*", "torchvision's ImageNet classifier"),),
+        ),
+        Layout(
+            "simclr",
+            "SimCLRv2 ResNet (ProDA's r101_1x_sk0.pth); backbone only, loaded by name",
+            model="",
+            ignore=((r"fc\..*", "SimCLR's supervised ImageNet classifier (ProDA drops it too)"),),
         ),
         Layout(
             "robustnet",
@@ -188,8 +235,9 @@ def unwrap(obj) -> tuple[dict, str, list[str]]:
 
     Containers: ProDA {'ResNet101': {'model_state': sd, ...}, 'iter', 'best_iou'}; da-sac
     {'model': sd, 'opt', 'score', 'epoch'}; MaxSquare, RobustNet, jfzhang95 (and other
-    trainers) {'state_dict': sd, 'epoch', 'optimizer', ...}; {'model_state': sd, ...} (read by
-    Adversarial_DA_Exp's evaluate.py); or a bare state dict.
+    trainers), ProDA's SimCLR init {'state_dict': sd, 'epoch', 'optimizer', ...};
+    {'model_state': sd, ...} (read by Adversarial_DA_Exp's evaluate.py); SimCLRv2-Pytorch
+    {'resnet': sd, 'head'}; or a bare state dict.
     The state dict's values are returned as they are (tensors or arrays).
     """
     if not isinstance(obj, Mapping):
@@ -201,7 +249,12 @@ def unwrap(obj) -> tuple[dict, str, list[str]]:
         others = [k for k in obj if k != "ResNet101"]
         others += [f"ResNet101.{k}" for k in resnet if k != "model_state"]
         return dict(resnet["model_state"]), "proda", sorted(map(str, others))
-    containers = (("dasac", "model"), ("state_dict", "state_dict"), ("model_state", "model_state"))
+    containers = (
+        ("dasac", "model"),
+        ("state_dict", "state_dict"),
+        ("model_state", "model_state"),
+        ("simclrv2", "resnet"),  # SimCLRv2-Pytorch's convert.py: {'resnet', 'head'}.
+    )
     for container, key in containers:
         if _is_state_dict(obj.get(key)):
             return dict(obj[key]), container, sorted(str(k) for k in obj if k != key)
@@ -223,6 +276,8 @@ def detect_layout(keys, container: str = "bare") -> str:
     """The name of the layout of a state dict with these keys (see the module docstring)."""
     if container == "proda":  # Its backbone-only keys alone would read as torchvision.
         return container
+    if container == "simclrv2":
+        return "simclr"
     names = {strip_module(k) for k in keys}
     module_prefixed = any(k.startswith("module.") for k in keys)
 
@@ -251,6 +306,7 @@ def detect_layout(keys, container: str = "bare") -> str:
             "disc_adaptseg",
         ),
         (any_starts("layer5.conv2d_list.0.0.", "layer5.bottleneck.", "layer5.head."), "proda"),
+        (any_starts("net.0.0.") and any_starts("net.1.blocks."), "simclr"),
         (any_starts("layer6.conv2d_list."), multi),
         (any_starts("layer5.conv2d_list."), "deeplab_single"),
         ({"conv1.weight", "bn1.weight"} <= names, "torchvision"),
@@ -271,8 +327,14 @@ def check_model(layout: str, model_name: str, variant: str | None = None) -> Non
     if spec.kind != "segmenter" or not spec.model:
         return
     wanted = _MODEL_TITLES.get(spec.model, spec.model)
-    if spec.model != model_name:
-        if spec.model == "deeplabv3plus":
+    if spec.model != model_name and model_name not in spec.also_fits:
+        if spec.model == PRODA_MODEL:
+            how = (
+                "convert with config.model.name='proda_deeplab_v2' (the whole network, e.g. "
+                "--config.model.name=proda_deeplab_v2 --config.model.head_width=256 and "
+                "--config.model.bn_clr for stage 2/3 files) or 'deeplab_v2' (the backbone only)"
+            )
+        elif spec.model == "deeplabv3plus":
             how = (
                 "convert with a DeepLabV3+ config, e.g. --config=configs/source_only.py:"
                 f"model=deeplabv3plus --config.model.variant={spec.variant} (and the file's "
@@ -295,4 +357,22 @@ def check_model(layout: str, model_name: str, variant: str | None = None) -> Non
             f"orders, so the weights would load but compute something else. Pass "
             f"--config.model.variant={spec.variant}"
             + (" --config.model.multi_level=False." if spec.variant == "jfzhang95" else ".")
+        )
+
+
+def check_bn_clr(names, bn_clr: bool) -> None:
+    """Raises ConversionError when a ProDA file's `bn_pretrain.*` keys (ProDA's --bn_clr, stage
+    2 / 3 models) are present and `config.model.bn_clr` is False, or absent and it is True."""
+    in_file = any(strip_module(n).startswith("bn_pretrain.") for n in names)
+    if in_file and not bn_clr:
+        raise ConversionError(
+            "The ProDA file has `bn_pretrain.*` (trained with --bn_clr: a BatchNorm on layer4's "
+            "output, ProDA's stage 2 / 3 models), but config.model.bn_clr=False: pass "
+            "--config.model.bn_clr=True."
+        )
+    if bn_clr and not in_file:
+        raise ConversionError(
+            "config.model.bn_clr=True, but the ProDA file has no `bn_pretrain.*` (it was "
+            "trained without --bn_clr, e.g. the warm-up or stage 1 model): pass "
+            "--config.model.bn_clr=False."
         )

@@ -3,7 +3,8 @@
 This module knows the key layouts of the released checkpoints (reference:
 docs/methods/checkpoints.md, "Checkpoint key layouts") and maps a flat state dict (name ->
 array) onto the variables of `jaxda.models.deeplab_v2.DeepLabV2`,
-`jaxda.models.deeplab_v3plus.DeepLabV3Plus` or `jaxda.models.discriminators.FCDiscriminator`.
+`jaxda.models.deeplab_v3plus.DeepLabV3Plus`, `jaxda.models.proda.ProDADeepLabV2` or
+`jaxda.models.discriminators.FCDiscriminator`.
 It never imports torch: `jaxda.interop.convert` reads the files and hands the arrays over.
 
 Layouts: `jaxda.interop.layouts`; ASPP branch detection: `jaxda.interop.aspp_detection`.
@@ -25,8 +26,10 @@ from flax import traverse_util
 from jaxda.interop.aspp_detection import detect_aspp_branches
 from jaxda.interop.layouts import (
     LAYOUTS,
+    PRODA_ENTRIES,
     ConversionError,
     Layout,
+    check_bn_clr,
     check_model,
     detect_layout,
     strip_module,
@@ -61,6 +64,7 @@ class ConversionReport:
     unexpected: list = dataclasses.field(default_factory=list)  # torch keys not understood
     aspp: dict = dataclasses.field(default_factory=dict)
     notes: list = dataclasses.field(default_factory=list)
+    prototypes: str = ""  # where ProDA's objective_vectors were written ('' if not)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -89,6 +93,10 @@ class ConversionReport:
         lines += [f"    {k}" for k in self.unexpected]
         if self.aspp:
             lines.append(f"  ASPP: {self.aspp.get('summary', '')}")
+        if self.prototypes:
+            lines.append(
+                f"  prototypes (ProDA's ResNet101.objective_vectors) written to {self.prototypes}"
+            )
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -121,6 +129,74 @@ def _backbone_path(name: str) -> tuple | None:
             module = "bn_downsample" if c[1] == "downsample.1" else c[1]
             return (collection, "backbone", block, module, leaf)
     return None
+
+
+# ProDA's head (`layer5`, `Classifier_Module2`) -> `jaxda.models.proda.ProDAHead` modules.
+_PRODA_GROUP_NORMS = {"bottleneck.2": "fuse_gn"}
+_PRODA_CONVS = {"bottleneck.1": "fuse", "head.1": "classifier"}
+_PRODA_LINEARS = {"bottleneck.0.se.0": "se_fc1", "bottleneck.0.se.2": "se_fc2"}
+
+
+def _proda_path(name: str) -> tuple[tuple, str] | None:
+    """(jaxda path, group) of a ProDA `layer5.*` / `bn_pretrain.*` name, or None.
+
+    'layer5.conv2d_list.2.1.weight' -> (('params', 'head', 'branch2_gn', 'scale'), 'head');
+    'layer5.bottleneck.0.se.0.weight' -> (('params', 'head', 'se_fc1', 'kernel'), 'head')."""
+    if m := re.fullmatch(rf"bn_pretrain\.{_BN}", name):
+        collection, leaf = _BN_FIELDS[m[1]]
+        return (collection, "bn_pretrain", leaf), "bn_pretrain"
+    m = re.fullmatch(r"layer5\.(.+)\.(weight|bias)", name)
+    if not m:
+        return None
+    module, field = m[1], m[2]
+    if b := re.fullmatch(r"conv2d_list\.(\d+)\.([01])", module):
+        norm = b[2] == "1"
+        jax_module = f"branch{b[1]}" + ("_gn" if norm else "")
+    elif module in _PRODA_GROUP_NORMS:
+        norm, jax_module = True, _PRODA_GROUP_NORMS[module]
+    elif module in _PRODA_CONVS or module in _PRODA_LINEARS:
+        norm, jax_module = False, {**_PRODA_CONVS, **_PRODA_LINEARS}[module]
+    else:
+        return None
+    leaf = ("scale" if norm else "kernel") if field == "weight" else "bias"
+    return ("params", "head", jax_module, leaf), "head"
+
+
+# SimCLRv2-Pytorch (Separius) ResNet names -> torchvision names (selective-kernel-free nets):
+# net.0 = Stem(conv, BatchNormRelu, maxpool), net.{1..4} = Blocks, each block's `net` =
+# (conv1, BNReLU, conv2, BNReLU, conv3, BN), `projection` = (shortcut conv, BN).
+_SIMCLR_BLOCK = {
+    "net.0": "conv1",
+    "net.1.0": "bn1",
+    "net.2": "conv2",
+    "net.3.0": "bn2",
+    "net.4": "conv3",
+    "net.5.0": "bn3",
+    "projection.shortcut": "downsample.0",
+    "projection.bn.0": "downsample.1",
+}
+
+
+def _simclr_to_torchvision(name: str) -> str:
+    """'net.3.blocks.0.net.1.0.running_mean' -> 'layer3.0.bn1.running_mean'; other names (the
+    torchvision names of ProDA's `['state_dict']` file) are returned unchanged."""
+    if m := re.fullmatch(r"net\.0\.(0|1\.0)\.(\w+)", name):
+        return f"{'conv1' if m[1] == '0' else 'bn1'}.{m[2]}"
+    if m := re.fullmatch(r"net\.([1-4])\.blocks\.(\d+)\.(.+)\.(\w+)", name):
+        module = _SIMCLR_BLOCK.get(m[3])
+        if module is not None:
+            return f"layer{m[1]}.{m[2]}.{module}.{m[4]}"
+    return name
+
+
+def _target_model(target: Mapping) -> str:
+    """The `config.model.name` of a segmentation network's variables."""
+    params = target["params"]
+    if "decoder" in params:
+        return "deeplabv3plus"
+    if "head" in params:
+        return "proda_deeplab_v2"
+    return "deeplab_v2"
 
 
 def _units(*pairs) -> dict[str, tuple]:
@@ -209,13 +285,18 @@ def _blocks(paths) -> dict[int, int]:
 
 
 def _to_jax_layout(value: np.ndarray) -> np.ndarray:
-    return np.transpose(value, (2, 3, 1, 0)) if value.ndim == 4 else value
+    """Conv OIHW -> HWIO; Linear [out, in] -> Dense kernel [in, out] (the only 2-D tensors)."""
+    if value.ndim == 4:
+        return np.transpose(value, (2, 3, 1, 0))
+    return value.T if value.ndim == 2 else value
 
 
 def _torch_shape(shape) -> tuple:
-    """A Flax kernel shape (HWIO) as PyTorch's (OIHW), for messages."""
+    """A Flax kernel shape (HWIO, or a Dense [in, out]) as PyTorch's (OIHW, [out, in])."""
     shape = tuple(shape)
-    return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape
+    if len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    return shape[::-1] if len(shape) == 2 else shape
 
 
 @dataclasses.dataclass
@@ -269,11 +350,25 @@ def map_state_dict(
     if is_discriminator != ("backbone" not in target.get("params", {})):
         kind = "a discriminator" if is_discriminator else "a segmentation network"
         raise ConversionError(f"Layout {layout!r} describes {kind}, the target does not.")
+    target_model = "" if is_discriminator else _target_model(target)
     if not is_discriminator:
-        check_model(layout, "deeplabv3plus" if "decoder" in target["params"] else "deeplab_v2")
+        check_model(layout, target_model)
+    partial = target_model in spec.also_fits  # Only the backbone has a counterpart.
+    ignore_rules = spec.ignore + (spec.partial_ignore if partial else ())
+    skip_rules = spec.skip + (spec.partial_skip if partial else ())
+    names = [strip_module(k) for k in state_dict]
+    if layout == "proda" and not partial:
+        check_bn_clr(names, "bn_pretrain" in target["params"])
+    if layout == "simclr" and any(".mixing_conv." in n for n in names):
+        raise ConversionError(
+            "The SimCLRv2 file is a selective-kernel (sk1) ResNet: its blocks have no "
+            "counterpart in jaxda's ResNet (ProDA uses r101_1x_sk0, without selective kernels)."
+        )
     report = ConversionReport(layout=layout, container=container)
     for name in container_entries:
-        report.ignored[name] = f"{container} checkpoint entry (not network weights)"
+        report.ignored[name] = (
+            PRODA_ENTRIES.get(name) if container == "proda" else None
+        ) or f"{container} checkpoint entry (not network weights)"
     heads = dict(spec.heads)
     model_heads = {p[1] for p in targets if p[1].startswith("head_")}
     model_branches = {
@@ -283,13 +378,13 @@ def map_state_dict(
     entries: dict[tuple, _Entry] = {}
     for key, raw in state_dict.items():
         name = strip_module(key)
-        reason = next((r for pattern, r in spec.ignore if re.fullmatch(pattern, name)), None)
+        reason = next((r for pattern, r in ignore_rules if re.fullmatch(pattern, name)), None)
         if reason is None and name.endswith("num_batches_tracked"):
             reason = _NUM_BATCHES_TRACKED
         if reason is not None:
             report.ignored[key] = reason
             continue
-        reason = next((r for pattern, r in spec.skip if re.fullmatch(pattern, name)), None)
+        reason = next((r for pattern, r in skip_rules if re.fullmatch(pattern, name)), None)
         if reason is not None:
             report.skipped[key] = reason
             continue
@@ -349,6 +444,18 @@ def map_state_dict(
             f"not understood, e.g. {report.unexpected[:4]}); pass the right --layout "
             f"(one of {sorted(LAYOUTS)})."
         )
+    if target_model == "proda_deeplab_v2" and layout != "proda" and loaded:
+        report.notes.append("the ProDA head is not in the file: it keeps its initialisation")
+        if "bn_pretrain" in target["params"]:
+            report.notes.append(
+                "bn_pretrain is not in the file: it keeps its initialisation (as in ProDA's "
+                "SimCLR / ImageNet inits)"
+            )
+        elif layout == "simclr":
+            report.notes.append(
+                "ProDA pairs the SimCLR init with --bn_clr (stages 2 and 3): "
+                "--config.model.bn_clr=True adds its bn_pretrain"
+            )
     if spec.model == "deeplabv3plus" and loaded:
         report.notes.append(
             "output stride, multi-grid and ASPP rates are not stored in the weights: the "
@@ -370,9 +477,15 @@ def _parse(key: str, name: str, spec: Layout, heads: dict) -> _Entry | None:
             return None
         leaf = "kernel" if m[2] == "weight" else "bias"
         return _Entry(key, ("params", modules[m[1]], leaf), None, "discriminator")
+    found = None
     if spec.model == "deeplabv3plus":
         found = _v3plus_path(name, spec.variant)
+    elif spec.name == "proda":
+        found = _proda_path(name)
+    if found is not None or spec.model == "deeplabv3plus":
         return None if found is None else _Entry(key, found[0], None, found[1])
+    if spec.name == "simclr":
+        name = _simclr_to_torchvision(name)
     if m := re.fullmatch(r"(\w+)\.conv2d_list\.(\d+)\.(weight|bias)", name):
         if m[1] not in heads:
             return None
@@ -415,8 +528,9 @@ def _check_depth(entries: dict, targets: dict) -> None:
 
 
 def _is_head(group: str) -> bool:
-    """DeepLabV2's head_* and DeepLabV3+'s aspp, decoder, head_aux: all but the backbone."""
-    return group not in ("backbone", "discriminator")
+    """DeepLabV2's head_*, DeepLabV3+'s aspp, decoder, head_aux, ProDA's head: all but the
+    backbone (and ProDA's bn_pretrain, which normalises the backbone's output)."""
+    return group not in ("backbone", "discriminator", "bn_pretrain")
 
 
 def _check_shapes(entries, targets, spec, report, skip_head) -> None:
