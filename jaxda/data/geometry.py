@@ -1,5 +1,7 @@
 """Moving per-pixel maps between augmented views of one example (pure jax.numpy, jit-able).
 
+`to_strong` moves weak-view maps to ProDA's RandAugment view (`jaxda.data.randaugment`).
+
 A view is described as `jaxda.data.augment` reports it: `box` [N, 4] float32 (y0, x0, y1, x1),
 the region of the base frame (the example as it entered augmentation) that the view shows, in
 normalised base coordinates (0..1 spans the base image; a padded view reaches beyond), and
@@ -168,3 +170,97 @@ def average_in_base(
         count = count + valid.astype(jnp.int32)
     mean = total / jnp.maximum(count, 1)[..., None]
     return mean, count
+
+
+def _strong_points(matrix, frames, cutout, flip, height, width):
+    """Sample points of a strong view's pixel centres in the flipped-back weak view.
+
+    Per example: matrix [6], frames [K, 6], cutout [4], flip []. Returns (qy, qx) [h, w] in
+    weak pixel units (0..n spans the axis) and valid [h, w]. The float32 arithmetic is the
+    one `randaugment.warp_nearest` uses, so both pick the same pixels.
+    """
+    y = ((jnp.arange(height, dtype=jnp.float32) + 0.5) / height)[:, None]
+    x = ((jnp.arange(width, dtype=jnp.float32) + 0.5) / width)[None, :]
+    valid = jnp.ones((height, width), bool)
+    for k in range(frames.shape[0]):
+        m = frames[k]
+        fx, fy = m[0] * x + m[1] * y + m[2], m[3] * x + m[4] * y + m[5]
+        valid &= (fx >= 0) & (fx < 1) & (fy >= 0) & (fy < 1)
+    xs = matrix[0] * x + matrix[1] * y + matrix[2]
+    ys = matrix[3] * x + matrix[4] * y + matrix[5]
+    xs = jnp.where(flip, 1.0 - xs, xs)
+    qx, qy = xs * width, ys * height
+    valid &= (qx >= 0) & (qx < width) & (qy >= 0) & (qy < height)
+    valid &= ~((y >= cutout[0]) & (y < cutout[2]) & (x >= cutout[1]) & (x < cutout[3]))
+    return qy, qx, valid
+
+
+def _sample_strong(one_map, matrix, frames, cutout, flip, method):
+    """One weak map [h, w, ...] -> (strong map [h, w, ...] unfilled, valid [h, w])."""
+    height, width = one_map.shape[:2]
+    qy, qx, valid = _strong_points(matrix, frames, cutout, flip, height, width)
+    if method == "nearest":
+        iy = jnp.clip(jnp.floor(qy), 0, height - 1).astype(jnp.int32)
+        ix = jnp.clip(jnp.floor(qx), 0, width - 1).astype(jnp.int32)
+        return one_map[iy, ix], valid
+    # Bilinear between pixel centres, edges clamped (as `resample` and Pillow).
+    py = jnp.clip(qy - 0.5, 0, height - 1)
+    px = jnp.clip(qx - 0.5, 0, width - 1)
+    y0, x0 = jnp.floor(py).astype(jnp.int32), jnp.floor(px).astype(jnp.int32)
+    y1, x1 = jnp.minimum(y0 + 1, height - 1), jnp.minimum(x0 + 1, width - 1)
+    extra = (1,) * (one_map.ndim - 2)
+    wy = (py - y0).reshape(py.shape + extra).astype(one_map.dtype)
+    wx = (px - x0).reshape(px.shape + extra).astype(one_map.dtype)
+    top = one_map[y0, x0] * (1 - wx) + one_map[y0, x1] * wx
+    bottom = one_map[y1, x0] * (1 - wx) + one_map[y1, x1] * wx
+    return top * (1 - wy) + bottom * wy, valid
+
+
+def to_strong(
+    maps: jax.Array,
+    flip: jax.Array,
+    matrix: jax.Array,
+    cutout: jax.Array,
+    *,
+    fill: float | None = None,
+    method: str = "nearest",
+    frames: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Weak-view maps -> ProDA's strong view (`jaxda.data.randaugment`), at any resolution.
+
+    The strong image was made as flip -> affine ops -> cutout, so each strong pixel centre is
+    taken back through the cutout (`fill` inside), the composed affine `matrix` and the flip
+    to a point of the weak view, which is sampled there. Everything is in normalised
+    coordinates, so maps at 1/4 of the image's resolution work as well as full-size ones.
+
+    Args:
+      maps: [N, h, w] or [N, h, w, C] maps of the weak view (labels, soft maps, features).
+      flip: [N] bool, matrix: [N, 6] float32, cutout: [N, 4] float32 (y0, x0, y1, x1): the
+        strong view's `flip`, `matrix`, `cutout`.
+      fill: value of strong pixels out of the weak frame or in the cutout; None:
+        `IGNORE_LABEL` for integer maps, 0 otherwise.
+      method: 'nearest' (labels; the same pixels as the strong label of `rand_augment_mc`) or
+        'bilinear' (floating maps only).
+      frames: [N, K, 6] the strong view's `frames`; with them a pixel is also out of frame when
+        an intermediate op had moved it out (a grey band in the image). None: `matrix` only.
+
+    Returns:
+      (maps [N, h, w, ...] in the strong view, valid [N, h, w] bool: False where `fill`ed).
+    """
+    if method not in ("bilinear", "nearest"):
+        raise ValueError(f"method must be 'bilinear' or 'nearest', got {method!r}")
+    maps = jnp.asarray(maps)
+    integer = not jnp.issubdtype(maps.dtype, jnp.inexact)
+    if method == "bilinear" and integer:
+        raise ValueError(f"bilinear resampling of {maps.dtype} maps; use method='nearest'")
+    if fill is None:
+        fill = IGNORE_LABEL if integer else 0
+    matrix = jnp.asarray(matrix, jnp.float32)
+    if frames is None:
+        frames = matrix[:, None]
+    sample = jax.vmap(lambda m, a, f, c, fl: _sample_strong(m, a, f, c, fl, method))
+    out, valid = sample(
+        maps, matrix, jnp.asarray(frames, jnp.float32), jnp.asarray(cutout, jnp.float32), flip
+    )
+    mask = valid.reshape(valid.shape + (1,) * (maps.ndim - 3))
+    return jnp.where(mask, out, jnp.asarray(fill, out.dtype)), valid

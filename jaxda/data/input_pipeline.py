@@ -10,7 +10,9 @@ training augmentations (`augment`) are seeded by (seed, position) too, so they r
 
 A training stream with `views` yields several independently augmented views of each example
 (e.g. ProDA's weak and strong views), each with the `box` and `flip` that place it in the
-example's frame (see `jaxda.data.geometry`).
+example's frame (see `jaxda.data.geometry`). A stream with `strong` also gets ProDA's
+RandAugment view of one of them, with the geometry that moves maps onto it
+(`jaxda.data.randaugment`, `geometry.to_strong`).
 """
 
 import struct
@@ -21,7 +23,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from jaxda.data import augment, sources
+from jaxda.data import augment, randaugment, sources
 from jaxda.data import labels as labels_lib
 
 
@@ -186,6 +188,18 @@ def _view_options(domain_config: ml_collections.ConfigDict) -> dict[str, dict | 
     return options
 
 
+# The strong view's seed name (folded into the example seed), so adding or renaming views
+# never changes the strong draws.
+_STRONG_SEED_NAME = "randaugment/strong"
+STRONG_DEFAULTS = randaugment.STRONG_DEFAULTS
+
+
+def _strong_options(domain_config: ml_collections.ConfigDict, views: dict | None) -> dict | None:
+    """`randaugment.stream_options` of a training stream's `strong` (read with a default)."""
+    name = f"data stream {domain_config.name}:{domain_config.split}"
+    return randaugment.stream_options(domain_config.get("strong"), views, name)
+
+
 def _decode_fn(
     domain_config, data_config, label_size: Sequence[int] | None, seed: Sequence[int] = ()
 ):
@@ -198,12 +212,18 @@ def _decode_fn(
     augmentation and each example also gets its view's `box` [4] and `flip` []
     (`augment.Augmented`; the whole frame and False when not augmented). With
     `domain_config.views`, it is {view name: {'image', 'label', 'box', 'flip'}} instead.
+    With `domain_config.strong` (training), the example also gets 'strong': {'image' [h, w,
+    3] (normalised), 'label' [h, w], 'flip' [], 'matrix' [6], 'frames' [num_ops, 6], 'cutout'
+    [4]}, ProDA's RandAugment view of the weak view `strong.of` (of the stream's one view
+    without views), made from its image and label before normalisation (see
+    `randaugment.Strong`). Its image is zero where the weak view showed padding.
     """
     table = _label_table(domain_config.label_map)
     table = None if table is None else tf.constant(table)
     size = domain_config.size
     views = _view_options(domain_config) if seed else None
     options = _augment_options(domain_config) if seed and views is None else None
+    strong = _strong_options(domain_config, views) if seed else None
     key = tf.constant(augment.stream_key(seed)) if seed else None
     normalize = make_normalizer(data_config)
 
@@ -233,14 +253,38 @@ def _decode_fn(
                 base_size=size or base_size,
                 **options,
             )
+        raw = (image, label, valid)
         image = normalize(image)
         if valid is not None:
             # Padding is zero after normalisation, i.e. the mean colour: DeepLab-style loaders
             # pad the mean-subtracted image, so padding adds no contrast of its own.
             image = tf.where(valid[..., None], image, 0.0)
         if not seed:
-            return {"image": image, "label": label}
-        return {"image": image, "label": label, "box": box, "flip": flip}
+            return {"image": image, "label": label}, raw
+        return {"image": image, "label": label, "box": box, "flip": flip}, raw
+
+    def strong_view(image, label, valid, example_key):
+        """ProDA's strong view of a weak view's (image, label, valid) before normalisation."""
+        kwargs = {k: v for k, v in strong.items() if k != "of"}
+        seed = augment.view_seed(example_key, _STRONG_SEED_NAME)
+        view = randaugment.rand_augment_mc(image, label, seed, **kwargs)
+        strong_image = normalize(view.image)
+        if valid is not None:
+            # Weak padding (zeros, black before normalisation) taken through the same geometry,
+            # then zeroed like the weak view's; out-of-frame grey fill stays, as in ProDA.
+            no_cut = tf.zeros([4], tf.float32)
+            valid = randaugment.warp_nearest(
+                tf.cast(valid, tf.uint8), view.flip, view.matrix, view.frames, no_cut, 1
+            )
+            strong_image = tf.where(valid[..., None] > 0, strong_image, 0.0)
+        return {
+            "image": strong_image,
+            "label": view.label,
+            "flip": view.flip,
+            "matrix": view.matrix,
+            "frames": view.frames,
+            "cutout": view.cutout,
+        }
 
     def decode(example):
         image = tf.io.decode_png(example["image"], channels=3)
@@ -251,16 +295,21 @@ def _decode_fn(
             # Random scaling resamples the original once, by a factor of `size`, instead of
             # resizing to `size` first and resampling twice.
             random_scale = bool(options and options["random_scale"])
-            return view(*prepare(image, label, random_scale), base_size, example_key, options)
+            out, raw = view(*prepare(image, label, random_scale), base_size, example_key, options)
+            if strong is not None:
+                out["strong"] = strong_view(*raw, example_key)
+            return out
         # All views come from one decoding; each view's base frame is the same scene whether
         # or not it was resized to `size` first (boxes are in normalised coordinates).
-        prepared, out = {}, {}
+        prepared, out, raws = {}, {}, {}
         for name, view_options in views.items():
             random_scale = bool(view_options and view_options["random_scale"])
             if random_scale not in prepared:
                 prepared[random_scale] = prepare(image, label, random_scale)
             view_key = augment.view_seed(example_key, name)
-            out[name] = view(*prepared[random_scale], base_size, view_key, view_options)
+            out[name], raws[name] = view(*prepared[random_scale], base_size, view_key, view_options)
+        if strong is not None:
+            out["strong"] = strong_view(*raws[strong["of"]], example_key)
         return out
 
     return decode
