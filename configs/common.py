@@ -303,6 +303,8 @@ def adversarial_block(lambda_main: float, lambda_aux: float) -> ml_collections.C
             # discriminator inputs labelled 'source', D_aux's source term on D_main's output,
             # no poly decay for D_aux. Off = the intended AdaptSegNet losses.
             "replicate_da_exp_bugs": False,
+            # Each discriminator term's weight: 0.5 (AdaptSegNet, ADVENT), 1 (ProDA).
+            "discriminator_loss_weight": 0.5,
         }
     )
 

@@ -1,4 +1,4 @@
-"""The fully-convolutional output-space discriminator of AdaptSegNet and ADVENT."""
+"""Fully-convolutional output-space discriminators: AdaptSegNet/ADVENT's and ProDA's."""
 
 import functools
 from typing import ClassVar
@@ -11,45 +11,63 @@ from jaxda.models import layers
 
 
 class FCDiscriminator(nn.Module):
-    """Four 4x4 stride-2 convs (w, 2w, 4w, 8w; LeakyReLU 0.2) and a 4x4 stride-2 classifier.
+    """Four stride-2 convs (w, 2w, 4w, 8w) and a stride-2 (or 1x1) classifier.
 
-    [N, H, W, C] -> [N, H/32, W/32, 1] logits ("target" = 1, "source" = 0). PyTorch's default
-    Conv2d init, as in AdaptSegNet's `model/discriminator.py`.
+    AdaptSegNet / ADVENT (`model/discriminator.py`): 4x4 kernels, LeakyReLU 0.2 after every
+    conv, a 4x4 stride-2 classifier: [N, H, W, C] -> [N, H/32, W/32, 1]. ProDA
+    (`models/discriminator.py`, `style='proda'`): 3x3 kernels, ReLU after conv1..conv3 and
+    LeakyReLU 0.2 after conv4, a 1x1 classifier: [N, H/16, W/16, 1]. Logits: "target" = 1,
+    "source" = 0. PyTorch's default Conv2d init, as both references.
 
     Attributes:
       width: channels of the first conv (64 in the published models).
+      style: 'adaptseg' or 'proda'.
     """
 
     _LAYERS = ("conv1", "conv2", "conv3", "conv4", "classifier")
     # One learning-rate group (see `jaxda.models.param_groups`).
     param_groups: ClassVar[dict[str, str]] = dict.fromkeys(_LAYERS, "all")
+    STYLES: ClassVar[tuple[str, ...]] = ("adaptseg", "proda")
 
     width: int = 64
+    style: str = "adaptseg"
 
     @classmethod
     def from_config(cls, disc_config: ml_collections.ConfigDict):
-        return cls(width=disc_config.width)
+        style = disc_config.get("style", "adaptseg")
+        if style not in cls.STYLES:
+            raise ValueError(f"config.discriminator.style={style!r}; use one of {cls.STYLES}")
+        return cls(width=disc_config.width, style=style)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        if min(x.shape[1:3]) < 32:
-            # Five stride-2 convs: a smaller map leaves an empty output and a NaN loss.
+        proda = self.style == "proda"
+        min_size = 16 if proda else 32
+        if min(x.shape[1:3]) < min_size:
+            # Each stride-2 conv halves the map: a smaller one leaves an empty output and a
+            # NaN loss.
             raise ValueError(
-                f"The discriminator needs inputs of at least 32x32 pixels, got {x.shape[1:3]}; "
-                "raise the stream's size in config.data."
+                f"The discriminator needs inputs of at least {min_size}x{min_size} pixels, got "
+                f"{x.shape[1:3]}; raise the stream's size in config.data."
             )
         widths = (self.width, self.width * 2, self.width * 4, self.width * 8, 1)
         for i, (features, name) in enumerate(zip(widths, self._LAYERS, strict=True)):
-            fan_in = x.shape[-1] * 16
+            last = i == len(widths) - 1
+            kernel = 1 if proda and last else (3 if proda else 4)
+            stride = 1 if proda and last else 2
+            pad = (kernel - 1) // 2 if proda else 1
             x = nn.Conv(
                 features,
-                (4, 4),
-                strides=(2, 2),
-                padding=((1, 1), (1, 1)),
+                (kernel, kernel),
+                strides=(stride, stride),
+                padding=((pad, pad), (pad, pad)),
                 kernel_init=layers.torch_default_kernel_init,
-                bias_init=functools.partial(layers.torch_default_uniform, fan_in=fan_in),
+                bias_init=functools.partial(
+                    layers.torch_default_uniform, fan_in=x.shape[-1] * kernel * kernel
+                ),
                 name=name,
             )(x)
-            if i < len(widths) - 1:
-                x = nn.leaky_relu(x, negative_slope=0.2)
+            if last:
+                break
+            x = nn.relu(x) if proda and i < 3 else nn.leaky_relu(x, negative_slope=0.2)
         return x

@@ -60,6 +60,7 @@ def make_train_step(discriminator_input: str):
         adv_weights = {head: config.adversarial.lambda_adv[head] for head in heads}
         gan = config.adversarial.gan
         da_exp_bugs = replicates_da_exp_bugs(config)
+        disc_weight = config.adversarial.get("discriminator_loss_weight", 0.5)
 
         def loss_fn(seg_params):
             source_up, target_up, batch_stats = common.forward_domains(
@@ -82,7 +83,13 @@ def make_train_step(discriminator_input: str):
 
         def disc_loss_fn(disc_params):
             return common.discriminator_loss(
-                discriminator, disc_params, source_inputs, target_inputs, gan, da_exp_bugs
+                discriminator,
+                disc_params,
+                source_inputs,
+                target_inputs,
+                gan,
+                da_exp_bugs,
+                disc_weight,
             )
 
         (disc_loss, disc_metrics), disc_grads = jax.value_and_grad(disc_loss_fn, has_aux=True)(

@@ -115,9 +115,17 @@ def generator_adversarial_loss(
 
 
 def discriminator_loss(
-    discriminator, disc_params, source_inputs, target_inputs, gan: str, da_exp_bugs: bool = False
+    discriminator,
+    disc_params,
+    source_inputs,
+    target_inputs,
+    gan: str,
+    da_exp_bugs: bool = False,
+    weight: float = 0.5,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """sum_head 0.5 GAN(D(source), 0) + 0.5 GAN(D(target), 1) on stop-gradient inputs.
+    """sum_head weight GAN(D(source), 0) + weight GAN(D(target), 1) on stop-gradient inputs.
+
+    `weight`: 0.5 in AdaptSegNet / ADVENT, 1 in ProDA (whose discriminator loss has no 1/2).
 
     `da_exp_bugs`: Adversarial_DA_Exp's loss as written (docs/methods/adversarial_da_exp.md):
     bug 1, the target term uses the source label 0; bug 2, the aux discriminator's source term
@@ -134,8 +142,8 @@ def discriminator_loss(
             jax.lax.stop_gradient(source_inputs[source_head]),
         )
         target = discriminator.apply(params, jax.lax.stop_gradient(target_inputs[head]))
-        loss = 0.5 * adversarial.gan_loss(gan, source, adversarial.SOURCE_LABEL)
-        loss = loss + 0.5 * adversarial.gan_loss(gan, target, target_label)
+        loss = weight * adversarial.gan_loss(gan, source, adversarial.SOURCE_LABEL)
+        loss = loss + weight * adversarial.gan_loss(gan, target, target_label)
         metrics[f"loss_disc_{head}"] = loss
         total = total + loss
     return total, metrics
