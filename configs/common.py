@@ -134,7 +134,8 @@ def base_config() -> ml_collections.ConfigDict:
             "bn_mode": "batch_stats",
         }
     )
-    c.discriminator = ml_collections.ConfigDict({"width": 64})
+    # 'adaptseg' (AdaptSegNet/ADVENT: 4x4 kernels, LeakyReLU) or 'proda' (3x3, ReLU).
+    c.discriminator = ml_collections.ConfigDict({"width": 64, "style": "adaptseg"})
     c.loss = ml_collections.ConfigDict({"lambda_seg_aux": 0.1})
     c.optimizer = ml_collections.ConfigDict(
         {

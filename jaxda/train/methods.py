@@ -1,6 +1,6 @@
 """Registry of training methods (`spec.Method`): name -> step, networks, streams, state."""
 
-from jaxda.train import adversarial, source_only, spec, target_loss, tent
+from jaxda.train import adversarial, proda, proda_passes, source_only, spec, target_loss, tent
 
 _BOTH = ("source", "target")
 METHODS = {
@@ -13,7 +13,10 @@ METHODS = {
     ),
     "minent": spec.Method(target_loss.make_train_step(target_loss.minent_loss), _BOTH),
     "maxsquare": spec.Method(target_loss.make_train_step(target_loss.maxsquare_loss), _BOTH),
+    "proda_stage1": proda.STAGE1,
+    "proda_distillation": proda.DISTILLATION,
 }
+del proda_passes  # Imported for its offline passes (registered in `offline.PASSES`).
 for _name in ("tent", "bn_adapt"):
     METHODS[_name] = spec.Method(
         tent.adapt_step,

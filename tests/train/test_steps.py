@@ -142,19 +142,34 @@ def _numpy_self_information(p):
     return (-p * np.log2(p + 1e-30) / np.log2(p.shape[-1])).astype(np.float32)
 
 
+def _numpy_mse(logits, target):
+    return np.mean(np.square(logits.astype(np.float64) - target))
+
+
 @pytest.mark.parametrize(
-    ("method", "disc_input"),
-    [("adaptseg", lambda p: p), ("advent", _numpy_self_information)],
-    ids=["adaptseg_softmax", "advent_self_information"],
+    ("method", "disc_input", "proda"),
+    [
+        ("adaptseg", lambda p: p, False),
+        ("advent", _numpy_self_information, False),
+        ("adaptseg", lambda p: p, True),
+    ],
+    ids=["adaptseg_softmax", "advent_self_information", "proda_warmup"],
 )
-def test_adversarial_losses_match_an_independent_computation(method, disc_input):
+def test_adversarial_losses_match_an_independent_computation(method, disc_input, proda):
     """The step's reported losses, recomputed from separate forward passes and NumPy: the
-    discriminators see the softmax (AdaptSegNet) or its C-channel self-information (AdvEnt)."""
+    discriminators see the softmax (AdaptSegNet) or its C-channel self-information (AdvEnt);
+    ProDA's warm-up: its discriminator, LS-GAN and no 1/2 on the discriminator loss."""
     from jaxda.models.layers import resize_bilinear_align_corners
 
     config = tiny_config()
     config.method = method
     config.adversarial.lambda_adv = {"main": 0.3, "aux": 0.05}
+    gan_loss, disc_weight = _numpy_bce, 0.5
+    if proda:
+        config.discriminator.style = "proda"
+        config.adversarial.gan = "ls"
+        config.adversarial.discriminator_loss_weight = disc_weight = 1.0
+        gan_loss = _numpy_mse
     batch = _batch(config)
     mesh = mesh_lib.make_mesh(1)
     setup = trainer.build(config, mesh)
@@ -178,10 +193,10 @@ def test_adversarial_losses_match_an_independent_computation(method, disc_input)
         p_source = disc_input(np.exp(_numpy_log_softmax(source[head])).astype(np.float32))
         p_target = disc_input(np.exp(_numpy_log_softmax(target[head])).astype(np.float32))
         assert p_target.shape[-1] == config.num_classes  # C-channel maps in both methods.
-        expected[f"loss_adv_{head}"] = _numpy_bce(d_logits(head, p_target), 0.0)
-        expected[f"loss_disc_{head}"] = 0.5 * _numpy_bce(
+        expected[f"loss_adv_{head}"] = gan_loss(d_logits(head, p_target), 0.0)
+        expected[f"loss_disc_{head}"] = disc_weight * gan_loss(
             d_logits(head, p_source), 0.0
-        ) + 0.5 * _numpy_bce(d_logits(head, p_target), 1.0)
+        ) + disc_weight * gan_loss(d_logits(head, p_target), 1.0)
     expected["loss_generator"] = (
         expected["loss_seg_main"]
         + 0.1 * expected["loss_seg_aux"]

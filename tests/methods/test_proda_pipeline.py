@@ -1,0 +1,104 @@
+"""ProDA's whole pipeline on the tiny benchmark (slow): eight stages in one call, and a run
+interrupted in the hard-label pass and inside stage 1 ends exactly as an uninterrupted one."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import proda as proda_config
+from jaxda.data import input_pipeline
+from jaxda.train import offline, stages
+from tests.conftest import TINY_DATASET
+
+pytestmark = pytest.mark.slow
+
+
+def _config(data_dir):
+    config = proda_config.get_config("synthetic")
+    for stream in ("source", "target", "eval"):
+        config.data[stream].name = TINY_DATASET
+    crop = (32, 64)  # The tiny dataset's images.
+    for stream in (config.data.source, config.data.target):
+        stream.size = stream.crop_size = crop
+    config.data.data_dir = data_dir
+    config.data.eval.batch_size = config.offline.batch_size = 8
+    config.model.width = 4
+    config.discriminator.width = 4
+    config.batch_size = 8
+    config.num_devices = 1
+    config.total_steps = 4
+    config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+    config.offline.epochs = 2
+    for name in ("stage1", "stage2", "stage3"):
+        config.stages[name].total_steps = 4
+        config.stages[name].data.target.views.weak.crop_size = crop
+    return config
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_pipeline_runs_and_resumes_exactly(data_dir, tmp_path, monkeypatch):
+    config = _config(data_dir)
+    straight_dir, crashed_dir = str(tmp_path / "straight"), str(tmp_path / "crashed")
+    straight = stages.run(config, straight_dir)
+    for name in config.stage_order:
+        assert stages.is_finished(
+            stages.stage_config(config, name, straight_dir), os.path.join(straight_dir, name)
+        ), name
+    prototypes = offline.load_reduced(os.path.join(straight_dir, "prototypes"))["prototypes"]
+    assert prototypes.shape == (config.num_classes, config.model.head_width)
+
+    # Interrupt stage 1 before its step 3 (after the step-2 checkpoint) ...
+    make_iterator = input_pipeline.train_iterator
+
+    def crashing_iterator(reader, domain_config, *args, **kwargs):
+        iterator = make_iterator(reader, domain_config, *args, **kwargs)
+        if domain_config.get("strong") and "soft_labels" in domain_config.get("artifacts"):
+            for _ in range(3):
+                yield next(iterator)
+            raise _Crash
+        yield from iterator
+
+    monkeypatch.setattr(input_pipeline, "train_iterator", crashing_iterator)
+    with pytest.raises(_Crash):
+        stages.run(config, crashed_dir)
+    monkeypatch.setattr(input_pipeline, "train_iterator", make_iterator)
+    assert not os.path.exists(os.path.join(crashed_dir, "stage1", "results.json"))
+
+    # ... then, resumed, the first hard-label pass after its first batch, then rerun.
+    save = np.savez
+    calls = []
+
+    def crashing_savez(path, *args, **kwargs):
+        if "hard_labels1" in str(path):
+            calls.append(1)
+            if len(calls) == 2:
+                raise _Crash
+        return save(path, *args, **kwargs)
+
+    monkeypatch.setattr(offline.np, "savez", crashing_savez)
+    with pytest.raises(_Crash):
+        stages.run(config, crashed_dir)
+    monkeypatch.setattr(offline.np, "savez", save)
+    assert os.path.exists(os.path.join(crashed_dir, "stage1", "results.json"))
+    assert offline.read_manifest(os.path.join(crashed_dir, "hard_labels1")) is None
+    resumed = stages.run(config, crashed_dir)
+
+    assert resumed["final"] == {**straight["final"], "seconds": resumed["final"]["seconds"]}
+    for name in config.stage_order:
+        straight_results = os.path.join(straight_dir, name, "results.json")
+        if os.path.exists(straight_results):
+            with open(straight_results) as f:
+                a = json.load(f)["final"]
+            with open(os.path.join(crashed_dir, name, "results.json")) as f:
+                b = json.load(f)["final"]
+            a.pop("seconds"), b.pop("seconds")
+            assert a == b, name
+        else:
+            for output, values in offline.load(os.path.join(straight_dir, name)).items():
+                again = offline.load(os.path.join(crashed_dir, name))[output]
+                np.testing.assert_array_equal(again, values, err_msg=f"{name}/{output}")
