@@ -66,12 +66,15 @@ def main(argv):
     try:
         if FLAGS.mode == "train":  # Every stage of a multi-stage config, or its only one.
             stages.run(FLAGS.config, FLAGS.workdir)
-        elif FLAGS.mode == "eval":
-            eval_run.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+            return
+        # A multi-stage config evaluates `:stage=NAME`, else its last training stage.
+        config, workdir = stages.for_checkpoint(FLAGS.config, FLAGS.workdir)
+        if FLAGS.mode == "eval":
+            eval_run.evaluate_checkpoint(config, workdir)
         else:
             predict.predict(
-                FLAGS.config,
-                FLAGS.workdir,
+                config,
+                workdir,
                 FLAGS.input,
                 FLAGS.output,
                 save_logits=FLAGS.save_logits,
