@@ -122,11 +122,27 @@ def _strong(maps: jax.Array, strong: dict, fill, method: str) -> tuple[jax.Array
     )
 
 
-def _source_loss(model, variables, source, rng):
-    """CE of the source logits upsampled to the label size; (loss, new batch_stats)."""
-    outputs, batch_stats = common.forward(model, variables, source["image"], train=True, rng=rng)
-    logits = common.upsample(outputs, source["label"].shape[1:3])["main"]
-    return segmentation.cross_entropy(logits, source["label"]), batch_stats
+def _student_losses(model, params, batch_stats, source, image, pseudo, cfg, keys):
+    """The student on the source batch, then on a target view `image` [N, H, W, 3] (BN
+    statistics updated by both, in that order): (source CE at the label size, the pseudo-label
+    loss at a quarter of the view (`proda.rce`: symmetric CE, else CE), the view's logits
+    [N, H/4, W/4, C], new batch_stats)."""
+    variables = {"params": params, "batch_stats": batch_stats}
+    outputs, batch_stats = common.forward(
+        model, variables, source["image"], train=True, rng=keys[0]
+    )
+    source_logits = common.upsample(outputs, source["label"].shape[1:3])["main"]
+    source_loss = segmentation.cross_entropy(source_logits, source["label"])
+    variables = {"params": params, "batch_stats": batch_stats}
+    outputs, batch_stats = common.forward(model, variables, image, train=True, rng=keys[1])
+    logits = _to_grid(outputs["main"], _quarter(image.shape))
+    if cfg.rce:
+        pseudo_loss = proda_losses.symmetric_cross_entropy(
+            logits, pseudo, cfg.rce_alpha, cfg.rce_beta
+        )
+    else:
+        pseudo_loss = segmentation.cross_entropy(logits, pseudo)
+    return source_loss, pseudo_loss, logits, batch_stats
 
 
 def stage1_step(state, batch, *, networks, tx, config):
@@ -167,19 +183,9 @@ def stage1_step(state, batch, *, networks, tx, config):
     strong_distances = jax.lax.stop_gradient(strong_distances)
 
     def loss_fn(params):
-        variables = {"params": params, "batch_stats": state.batch_stats}
-        source_loss, batch_stats = _source_loss(model, variables, source, keys[1])
-        variables = {"params": params, "batch_stats": batch_stats}
-        weak_out, batch_stats = common.forward(
-            model, variables, weak["image"], train=True, rng=keys[2]
+        source_loss, pseudo_loss, logits, batch_stats = _student_losses(
+            model, params, state.batch_stats, source, weak["image"], pseudo, cfg, keys[1:3]
         )
-        logits = _to_grid(weak_out["main"], grid)
-        if cfg.rce:
-            pseudo_loss = proda_losses.symmetric_cross_entropy(
-                logits, pseudo, cfg.rce_alpha, cfg.rce_beta
-            )
-        else:
-            pseudo_loss = segmentation.cross_entropy(logits, pseudo)
         if cfg.regular_weight:
             regular = proda_losses.regulariser(logits, cfg.regular_type)
             pseudo_loss = pseudo_loss + cfg.regular_weight * regular
@@ -259,19 +265,9 @@ def distillation_step(state, batch, *, networks, tx, config):
     teacher_logits = jax.lax.stop_gradient(_to_grid(teacher_out["main"], grid))
 
     def loss_fn(params):
-        variables = {"params": params, "batch_stats": state.batch_stats}
-        source_loss, batch_stats = _source_loss(model, variables, source, keys[0])
-        variables = {"params": params, "batch_stats": batch_stats}
-        outputs, batch_stats = common.forward(
-            model, variables, strong["image"], train=True, rng=keys[1]
+        source_loss, pseudo_loss, logits, batch_stats = _student_losses(
+            model, params, state.batch_stats, source, strong["image"], hard, cfg, keys
         )
-        logits = _to_grid(outputs["main"], grid)
-        if cfg.rce:
-            pseudo_loss = proda_losses.symmetric_cross_entropy(
-                logits, hard, cfg.rce_alpha, cfg.rce_beta
-            )
-        else:
-            pseudo_loss = segmentation.cross_entropy(logits, hard)
         distill = proda_losses.distillation(logits, teacher_logits, cfg.distillation)
         loss = source_loss + pseudo_loss + cfg.distillation_weight * distill
         metrics = {"loss_source": source_loss, "loss_pseudo": pseudo_loss, "loss_distill": distill}

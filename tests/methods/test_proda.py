@@ -12,6 +12,7 @@ from jaxda.data import input_pipeline
 from jaxda.losses import proda as proda_losses
 from jaxda.train import common, stages, trainer
 from tests.conftest import TINY_DATASET
+from tests.train.test_steps import _run
 
 NUM_CLASSES = 19
 
@@ -60,19 +61,6 @@ def _batches(config, num_steps: int, seed: int = 0):
         batch["target"]["confidence"] = rng.uniform(0.9, 1.0, (n, 32, 64)).astype(np.float16)
         batches.append(batch)
     return batches
-
-
-def _run(config, batches, num_devices: int):
-    mesh = mesh_lib.make_mesh(num_devices)
-    setup = trainer.build(config, mesh)
-    state = trainer.init_state(config, setup)
-    before = jax.device_get(state)
-    step = trainer.jit_train_step(config, setup)
-    history = []
-    for batch in batches:
-        state, metrics = step(state, mesh_lib.to_global(batch, mesh))
-        history.append(jax.device_get(metrics))
-    return before, jax.device_get(state), history
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])

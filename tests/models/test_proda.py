@@ -189,7 +189,7 @@ def _flat_dict(tree, prefix=()):
     return out
 
 
-def _randomize_head(torch_model, generator, torch):
+def randomize_head(torch_model, generator, torch):
     """GroupNorm affine and SE linears drawn at random (`randomize` covers convs and BN)."""
     with torch.no_grad():
         for m in torch_model.layer5.modules():
@@ -215,7 +215,7 @@ def test_parity_with_torch_transcription(bn_clr):
     calibration = torch.randn(2, 3, 90, 120, generator=generator) * 2 + 0.5
     # All five head branches are trained layers: none is redrawn as an untrained one.
     randomize(torch_model, 2, calibration, untrained_branches_from=5)
-    _randomize_head(torch_model, generator, torch)
+    randomize_head(torch_model, generator, torch)
     x = torch.randn(2, 3, 97, 131, generator=generator) * 2 + 0.5
 
     # Dropout off so that the batch-statistics pass is deterministic on both sides.
