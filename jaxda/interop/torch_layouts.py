@@ -7,7 +7,8 @@ array) onto the variables of `jaxda.models.deeplab_v2.DeepLabV2`,
 `jaxda.models.discriminators.FCDiscriminator`.
 It never imports torch: `jaxda.interop.convert` reads the files and hands the arrays over.
 
-Layouts: `jaxda.interop.layouts`; ASPP branch detection: `jaxda.interop.aspp_detection`.
+Layouts: `jaxda.interop.layouts`; key names -> variable paths: `jaxda.interop.key_names`;
+ASPP branch detection: `jaxda.interop.aspp_detection`.
 
 Every key of the file ends up in exactly one group of the `ConversionReport`: loaded, skipped
 (recognised but not loadable into this model, with the reason), ignored (not part of the
@@ -24,6 +25,14 @@ import numpy as np
 from flax import traverse_util
 
 from jaxda.interop.aspp_detection import detect_aspp_branches
+from jaxda.interop.key_names import (
+    backbone_path,
+    blocks,
+    path_str,
+    proda_path,
+    simclr_to_torchvision,
+    v3plus_path,
+)
 from jaxda.interop.layouts import (
     LAYOUTS,
     PRODA_ENTRIES,
@@ -37,13 +46,6 @@ from jaxda.interop.layouts import (
 
 # Ignored in every layout (the legacy Caffe-converted files have none).
 _NUM_BATCHES_TRACKED = "BatchNorm step counter (unused by jaxda)"
-_BN_FIELDS = {
-    "weight": ("params", "scale"),
-    "bias": ("params", "bias"),
-    "running_mean": ("batch_stats", "mean"),
-    "running_var": ("batch_stats", "var"),
-}
-_BN = r"(weight|bias|running_mean|running_var)"
 
 
 # ------------------------------------------------------------------------------------------
@@ -105,90 +107,6 @@ class ConversionReport:
 # Mapping.
 
 
-def _path_str(path: tuple) -> str:
-    return "/".join(path)
-
-
-def _backbone_path(name: str) -> tuple | None:
-    """jaxda variable path of a backbone tensor name ('layer3.4.bn2.running_var'), or None.
-
-    Stem conv2/bn2/conv3/bn3 exist only in RobustNet's ResNet3X3 (jaxda's `deep_stem`)."""
-    if m := re.fullmatch(r"(conv[1-3])\.weight", name):
-        return ("params", "backbone", m[1], "kernel")
-    if m := re.fullmatch(rf"(bn[1-3])\.{_BN}", name):
-        collection, leaf = _BN_FIELDS[m[2]]
-        return (collection, "backbone", m[1], leaf)
-    if m := re.fullmatch(r"layer([1-4])\.(\d+)\.(.+)", name):
-        block, rest = f"layer{m[1]}_{int(m[2])}", m[3]
-        if c := re.fullmatch(r"(conv[1-3])\.weight", rest):
-            return ("params", "backbone", block, c[1], "kernel")
-        if c := re.fullmatch(r"downsample\.0\.weight", rest):
-            return ("params", "backbone", block, "downsample", "kernel")
-        if c := re.fullmatch(rf"(bn[1-3]|downsample\.1)\.{_BN}", rest):
-            collection, leaf = _BN_FIELDS[c[2]]
-            module = "bn_downsample" if c[1] == "downsample.1" else c[1]
-            return (collection, "backbone", block, module, leaf)
-    return None
-
-
-# ProDA's head (`layer5`, `Classifier_Module2`) -> `jaxda.models.proda.ProDAHead` modules.
-_PRODA_GROUP_NORMS = {"bottleneck.2": "fuse_gn"}
-_PRODA_CONVS = {"bottleneck.1": "fuse", "head.1": "classifier"}
-_PRODA_LINEARS = {"bottleneck.0.se.0": "se_fc1", "bottleneck.0.se.2": "se_fc2"}
-
-
-def _proda_path(name: str) -> tuple[tuple, str] | None:
-    """(jaxda path, group) of a ProDA `layer5.*` / `bn_pretrain.*` name, or None.
-
-    'layer5.conv2d_list.2.1.weight' -> (('params', 'head', 'branch2_gn', 'scale'), 'head');
-    'layer5.bottleneck.0.se.0.weight' -> (('params', 'head', 'se_fc1', 'kernel'), 'head')."""
-    if m := re.fullmatch(rf"bn_pretrain\.{_BN}", name):
-        collection, leaf = _BN_FIELDS[m[1]]
-        return (collection, "bn_pretrain", leaf), "bn_pretrain"
-    m = re.fullmatch(r"layer5\.(.+)\.(weight|bias)", name)
-    if not m:
-        return None
-    module, field = m[1], m[2]
-    if b := re.fullmatch(r"conv2d_list\.(\d+)\.([01])", module):
-        norm = b[2] == "1"
-        jax_module = f"branch{b[1]}" + ("_gn" if norm else "")
-    elif module in _PRODA_GROUP_NORMS:
-        norm, jax_module = True, _PRODA_GROUP_NORMS[module]
-    elif module in _PRODA_CONVS or module in _PRODA_LINEARS:
-        norm, jax_module = False, {**_PRODA_CONVS, **_PRODA_LINEARS}[module]
-    else:
-        return None
-    leaf = ("scale" if norm else "kernel") if field == "weight" else "bias"
-    return ("params", "head", jax_module, leaf), "head"
-
-
-# SimCLRv2-Pytorch (Separius) ResNet names -> torchvision names (selective-kernel-free nets):
-# net.0 = Stem(conv, BatchNormRelu, maxpool), net.{1..4} = Blocks, each block's `net` =
-# (conv1, BNReLU, conv2, BNReLU, conv3, BN), `projection` = (shortcut conv, BN).
-_SIMCLR_BLOCK = {
-    "net.0": "conv1",
-    "net.1.0": "bn1",
-    "net.2": "conv2",
-    "net.3.0": "bn2",
-    "net.4": "conv3",
-    "net.5.0": "bn3",
-    "projection.shortcut": "downsample.0",
-    "projection.bn.0": "downsample.1",
-}
-
-
-def _simclr_to_torchvision(name: str) -> str:
-    """'net.3.blocks.0.net.1.0.running_mean' -> 'layer3.0.bn1.running_mean'; other names (the
-    torchvision names of ProDA's `['state_dict']` file) are returned unchanged."""
-    if m := re.fullmatch(r"net\.0\.(0|1\.0)\.(\w+)", name):
-        return f"{'conv1' if m[1] == '0' else 'bn1'}.{m[2]}"
-    if m := re.fullmatch(r"net\.([1-4])\.blocks\.(\d+)\.(.+)\.(\w+)", name):
-        module = _SIMCLR_BLOCK.get(m[3])
-        if module is not None:
-            return f"layer{m[1]}.{m[2]}.{module}.{m[4]}"
-    return name
-
-
 def _target_model(target: Mapping) -> str:
     """The `config.model.name` of a segmentation network's variables."""
     params = target["params"]
@@ -197,91 +115,6 @@ def _target_model(target: Mapping) -> str:
     if "head" in params:
         return "proda_deeplab_v2"
     return "deeplab_v2"
-
-
-def _units(*pairs) -> dict[str, tuple]:
-    """{torch module: (jaxda module path, 'conv' | 'bn')} of (conv, bn, jaxda unit) triples;
-    a None bn marks a bare conv (a classifier)."""
-    table = {}
-    for conv, bn, path in pairs:
-        if bn is None:
-            table[conv] = (path, "conv")
-        else:
-            table[conv] = ((*path, "conv"), "conv")
-            table[bn] = ((*path, "bn"), "bn")
-    return table
-
-
-# DeepLabV3+ heads (docs/methods/checkpoints.md): official module names -> jaxda modules.
-_V3PLUS_HEADS = {
-    "robustnet": _units(
-        ("aspp.img_conv.0", "aspp.img_conv.1", ("aspp", "pool")),
-        *(
-            (f"aspp.features.{i}.0", f"aspp.features.{i}.1", ("aspp", f"branch{i}"))
-            for i in range(4)
-        ),
-        ("bot_aspp.0", "bot_aspp.1", ("aspp", "project")),
-        ("bot_fine.0", "bot_fine.1", ("decoder", "low_level")),
-        ("final1.0", "final1.1", ("decoder", "conv1")),
-        ("final1.3", "final1.4", ("decoder", "conv2")),
-        ("final2.0", None, ("decoder", "classifier")),
-        ("dsn.0", "dsn.1", ("head_aux", "unit")),
-        ("dsn.4", None, ("head_aux", "classifier")),
-    ),
-    "jfzhang95": _units(
-        *(
-            (f"aspp.aspp{i + 1}.atrous_conv", f"aspp.aspp{i + 1}.bn", ("aspp", f"branch{i}"))
-            for i in range(4)
-        ),
-        ("aspp.global_avg_pool.1", "aspp.global_avg_pool.2", ("aspp", "pool")),
-        ("aspp.conv1", "aspp.bn1", ("aspp", "project")),
-        ("decoder.conv1", "decoder.bn1", ("decoder", "low_level")),
-        ("decoder.last_conv.0", "decoder.last_conv.1", ("decoder", "conv1")),
-        ("decoder.last_conv.4", "decoder.last_conv.5", ("decoder", "conv2")),
-        ("decoder.last_conv.8", None, ("decoder", "classifier")),
-    ),
-}
-# RobustNet's `layer0 = nn.Sequential(conv1, bn1, relu1[, conv2, bn2, relu2, conv3, bn3,
-# relu3], maxpool)`: Sequential indices -> torchvision stem names.
-_ROBUSTNET_STEM = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"}
-
-
-def _v3plus_path(name: str, variant: str) -> tuple[tuple, str] | None:
-    """(jaxda path, group) of a DeepLabV3+ tensor name (after 'module.'), or None."""
-    backbone_name = None
-    if variant == "robustnet":
-        if m := re.fullmatch(r"layer0\.(\d+)\.(.+)", name):
-            stem = _ROBUSTNET_STEM.get(m[1])
-            backbone_name = f"{stem}.{m[2]}" if stem else ""
-        elif re.match(r"layer[1-4]\.", name):
-            backbone_name = name
-    elif name.startswith("backbone."):
-        backbone_name = name[len("backbone.") :]
-    if backbone_name is not None:
-        path = _backbone_path(backbone_name)
-        return None if path is None else (path, "backbone")
-    module, _, field = name.rpartition(".")
-    path, kind = _V3PLUS_HEADS[variant].get(module, (None, None))
-    if kind == "conv" and field in ("weight", "bias"):
-        return ("params", *path, "kernel" if field == "weight" else "bias"), path[0]
-    if kind == "bn" and field in _BN_FIELDS:
-        collection, leaf = _BN_FIELDS[field]
-        return (collection, *path, leaf), path[0]
-    return None
-
-
-def _blocks(paths) -> dict[int, int]:
-    """{layer: number of blocks} of backbone paths."""
-    counts = {}
-    for path in paths:
-        if (
-            len(path) > 2
-            and path[1] == "backbone"
-            and (m := re.fullmatch(r"layer(\d)_(\d+)", path[2]))
-        ):
-            layer, block = int(m[1]), int(m[2])
-            counts[layer] = max(counts.get(layer, 0), block + 1)
-    return counts
 
 
 def _to_jax_layout(value: np.ndarray) -> np.ndarray:
@@ -402,7 +235,7 @@ def map_state_dict(
             continue
         if entry.path in entries:
             raise ConversionError(
-                f"Keys {entries[entry.path].key!r} and {key!r} both map to {_path_str(entry.path)}"
+                f"Keys {entries[entry.path].key!r} and {key!r} both map to {path_str(entry.path)}"
             )
         entries[entry.path] = entry
 
@@ -425,8 +258,8 @@ def map_state_dict(
         dtype = getattr(targets[path], "dtype", np.float32)
         # A copy: the arrays must not alias the caller's (e.g. a live torch model's) memory.
         loaded[path] = np.array(_to_jax_layout(entry.value), dtype=dtype, order="C", copy=True)
-        report.loaded[entry.key] = _path_str(path)
-    report.missing = [_path_str(p) for p in targets if p not in loaded]
+        report.loaded[entry.key] = path_str(path)
+    report.missing = [path_str(p) for p in targets if p not in loaded]
     report.unexpected = sorted(report.unexpected)
     for head in sorted(model_heads):
         if not any(p[1] == head for p in loaded):
@@ -479,13 +312,13 @@ def _parse(key: str, name: str, spec: Layout, heads: dict) -> _Entry | None:
         return _Entry(key, ("params", modules[m[1]], leaf), None, "discriminator")
     found = None
     if spec.model == "deeplabv3plus":
-        found = _v3plus_path(name, spec.variant)
+        found = v3plus_path(name, spec.variant)
     elif spec.name == "proda":
-        found = _proda_path(name)
+        found = proda_path(name)
     if found is not None or spec.model == "deeplabv3plus":
         return None if found is None else _Entry(key, found[0], None, found[1])
     if spec.name == "simclr":
-        name = _simclr_to_torchvision(name)
+        name = simclr_to_torchvision(name)
     if m := re.fullmatch(r"(\w+)\.conv2d_list\.(\d+)\.(weight|bias)", name):
         if m[1] not in heads:
             return None
@@ -493,7 +326,7 @@ def _parse(key: str, name: str, spec: Layout, heads: dict) -> _Entry | None:
         leaf = "kernel" if m[3] == "weight" else "bias"
         path = ("params", head, f"branch{branch}", leaf)
         return _Entry(key, path, None, head, module=m[1], branch=branch)
-    path = _backbone_path(name)
+    path = backbone_path(name)
     return None if path is None else _Entry(key, path, None, "backbone")
 
 
@@ -514,7 +347,7 @@ def _check_depth(entries: dict, targets: dict) -> None:
                 "set --config.model.deep_stem=False."
             )
         )
-    in_file, in_model = _blocks(entries), _blocks(targets)
+    in_file, in_model = blocks(entries), blocks(targets)
     if in_file and in_file != in_model:
 
         def fmt(counts):

@@ -221,7 +221,8 @@ def test_discriminator_files(names, tmp_path):
     params, meta = convert.restore_discriminator(str(tmp_path / "out"), config)
     np.testing.assert_array_equal(params["conv2"]["kernel"], _kernel(sd, f"{names[1]}.weight"))
     np.testing.assert_array_equal(params["classifier"]["bias"], sd[f"{names[4]}.bias"])
-    assert meta["layout"] == report.layout and meta["discriminator"] == {"width": 4}
+    assert meta["layout"] == report.layout
+    assert meta["discriminator"] == {"width": 4, "style": "adaptseg"}
     assert not os.path.exists(tmp_path / "out" / "checkpoints")
 
 

@@ -21,6 +21,7 @@ from jaxda.interop.layouts import ConversionError
 from jaxda.models import proda
 from tests.conftest import tiny_config
 from tests.interop import fakes
+from tests.models import test_proda as test_proda_model
 
 STAGE_SIZES, WIDTH, HEAD_WIDTH, NUM_CLASSES = (1, 1, 1, 1), 4, 64, 19
 TOLERANCE = 1e-4  # As tests/models/test_proda.py and tests/interop/test_parity.py.
@@ -261,17 +262,6 @@ def test_proda_pkl_into_deeplab_v2_writes_no_prototypes(tmp_path):
     assert not os.path.exists(tmp_path / "out" / convert.PROTOTYPES_FILE)
 
 
-def _randomize_head(torch_model, generator, torch):
-    with torch.no_grad():
-        for m in torch_model.layer5.modules():
-            if isinstance(m, torch.nn.GroupNorm):
-                m.weight.uniform_(0.5, 1.5, generator=generator)
-                m.bias.normal_(0, 0.2, generator=generator)
-            elif isinstance(m, torch.nn.Linear):
-                m.weight.normal_(0, (2 / m.weight.shape[1]) ** 0.5, generator=generator)
-                m.bias.normal_(0, 0.5, generator=generator)
-
-
 @pytest.mark.parametrize("bn_clr", [False, True], ids=["plain", "bn_clr"])
 def test_converted_proda_file_matches_the_torch_transcription(bn_clr):
     torch = _torch()
@@ -286,7 +276,7 @@ def test_converted_proda_file_matches_the_torch_transcription(bn_clr):
     generator = torch.Generator().manual_seed(1)
     calibration = torch.randn(2, 3, 72, 88, generator=generator) * 2 + 0.5
     randomize(torch_model, 2, calibration, untrained_branches_from=5)
-    _randomize_head(torch_model, generator, torch)
+    test_proda_model.randomize_head(torch_model, generator, torch)
     x = torch.randn(2, 3, 65, 81, generator=generator) * 2 + 0.5
 
     obj = {
