@@ -2,6 +2,8 @@ r"""Runs methods on the built-in synthetic benchmark over several seeds; prints 
 
   python benchmarks/synthetic_benchmark.py --workdir=/tmp/jaxda_bench [--seeds=0,1,2]
       [--methods=source_only,adaptseg,oracle] [--extra=--config.total_steps=600]
+  python benchmarks/synthetic_benchmark.py --workdir=/tmp/jaxda_bench \
+      --methods=proda_warmup,proda_stage1,proda_stage2,proda_stage3   # ProDA's stages
 
 Each (method, seed) trains in its own process with `python -m launch.main` into
 `<workdir>/<method>/seed<seed>`; finished runs are reused, so an interrupted benchmark resumes.
@@ -64,12 +66,24 @@ METHODS = {
         ["--config=configs/adaptseg.py:synthetic,model=deeplabv3plus"],
     ),
 }
+# ProDA's pipeline: one run per seed ('proda'), one row per training stage, each with the
+# agreement of the pseudo labels it produced (the offline pass after it) with the target
+# labels: the warm-up's soft labels (argmax), the stage-1 and stage-2 hard labels.
+PRODA_STAGES = {
+    "proda_warmup": ("ProDA warm-up (adversarial)", "warmup", "soft_labels"),
+    "proda_stage1": ("ProDA stage 1 (prototypical denoising)", "stage1", "hard_labels1"),
+    "proda_stage2": ("ProDA stage 2 (distillation, fresh student)", "stage2", "hard_labels2"),
+    "proda_stage3": ("ProDA stage 3 (distillation)", "stage3", ""),
+}
+for _name, (_title, _stage, _) in PRODA_STAGES.items():
+    METHODS[_name] = (_title, ["--config=configs/proda.py:synthetic"])
 DEFAULT_METHODS = ",".join(m for m in METHODS if not m.endswith("_v3plus"))
 
 
 def run_one(method: str, seed: int, workdir: str, extra: list[str]) -> dict:
-    run_dir = os.path.join(workdir, method, f"seed{seed}")
-    results_file = os.path.join(run_dir, "results.json")
+    stage = PRODA_STAGES.get(method, (None, ""))[1]
+    run_dir = os.path.join(workdir, "proda" if stage else method, f"seed{seed}")
+    results_file = os.path.join(run_dir, stage, "results.json")
     if not os.path.exists(results_file):
         flags = METHODS[method][1]
         if any("{source_only}" in flag for flag in flags):
@@ -82,7 +96,7 @@ def run_one(method: str, seed: int, workdir: str, extra: list[str]) -> dict:
         ]  # fmt: skip
         print("running:", " ".join(command), flush=True)
         start = time.time()
-        log_path = os.path.join(workdir, f"{method}_seed{seed}.log")
+        log_path = os.path.join(workdir, f"{'proda' if stage else method}_seed{seed}.log")
         os.makedirs(workdir, exist_ok=True)
         with open(log_path, "w") as log:
             subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
@@ -125,6 +139,49 @@ def main() -> None:
             else f"{int(np.sum(mious > baseline))} of {len(seeds)}"
         )
         print(f"| {METHODS[method][0]} | {mious.mean():.1f} ± {std:.1f} | {per_seed} | {wins} |")
+    proda = [m for m in methods if m in PRODA_STAGES]
+    if proda:
+        print_proda_table(proda, per_method, seeds, args.workdir)
+
+
+def _pass_summary(workdir: str, seed: int, name: str) -> dict:
+    path = os.path.join(workdir, "proda", f"seed{seed}", name, "manifest.json")
+    with open(path) as f:
+        return json.load(f).get("summary", {})
+
+
+def print_proda_table(methods, per_method, seeds, workdir: str) -> None:
+    """ProDA's stages side by side, each paired with the warm-up of its seed, with the
+    pixel accuracy of the pseudo labels it produced (against the target training labels)."""
+    print("\nProDA's stages (one pipeline per seed); pseudo labels produced by each stage vs the")
+    print("target training labels: accuracy over all pixels; over pixels with confidence > 0.95")
+    print("and the share of such pixels (the hard labels the next stage trains on):\n")
+    header = ("stage", "mIoU mean ± std", "per seed", "beats its warm-up (paired)",
+              "pseudo-label accuracy", "accuracy / coverage at 0.95")  # fmt: skip
+    print("| " + " | ".join(header) + " |")
+    print("|---|---|---|---|---|---|")
+    warmup = per_method.get("proda_warmup")
+    for method in methods:
+        title, _, produced = PRODA_STAGES[method]
+        mious = per_method[method]
+        std = mious.std(ddof=1) if len(mious) > 1 else 0.0
+        wins = "" if warmup is None or method == "proda_warmup" else (
+            f"{int(np.sum(mious > warmup))} of {len(seeds)}"
+        )  # fmt: skip
+        accuracy = confident = ""
+        if produced:
+            summaries = [_pass_summary(workdir, seed, produced) for seed in seeds]
+            acc = [100 * s["pseudo_label_accuracy"] for s in summaries]
+            accuracy = f"{np.mean(acc):.1f} ± {np.std(acc, ddof=1) if len(acc) > 1 else 0:.1f}"
+            if "coverage" in summaries[0]:
+                conf = np.mean([100 * s["confident_accuracy"] for s in summaries])
+                cover = np.mean([100 * s["coverage"] for s in summaries])
+                confident = f"{conf:.1f} / {cover:.1f}"
+        per_seed = ", ".join(f"{m:.2f}" for m in mious)
+        print(
+            f"| {title} | {mious.mean():.1f} ± {std:.1f} | {per_seed} | {wins} | {accuracy} "
+            f"| {confident} |"
+        )
 
 
 if __name__ == "__main__":

@@ -57,10 +57,10 @@ as the other jaxda configs (ProDA trains 16 outputs, --n_class 16). ProDA keeps 
 checkpoint on val; jaxda reports the last, and the best only separately, labelled.
 
 On the built-in benchmark (`synthetic`): the small network (one block per layer, width 8,
-head width 32) from scratch, 600 warm-up steps, then 400 steps per self-training stage; the
-stage-2 student starts from random weights (no SimCLR model exists here) with bn_clr; the
-learning rates are scaled for training from scratch (warm-up and stages 2/3 2.5e-3 with the
-10x head, stage 1 1e-3).
+head width 32) from scratch, batch 8 (as every benchmark row), 600 warm-up steps, then 400
+steps per self-training stage; the stage-2 student starts from random weights (no SimCLR
+model exists here) with bn_clr; the learning rates are scaled for training from scratch
+(warm-up and stages 2/3 2.5e-3 with the 10x head, stage 1 1e-3).
 """
 
 import ml_collections
@@ -211,7 +211,7 @@ def get_config(arg=None):
     config.optimizer.learning_rate = 6e-4
     config.optimizer.weight_decay = 2e-4
     config.optimizer.lr_multipliers = {"backbone": 1.0, "head": 10.0}
-    config.batch_size = 4
+    config.batch_size = 4  # ProDA: 4 GPUs x 1.
     config.offline.epochs = 4  # The prototypes pass's passes over the split.
     config.offline.dtype = "float32"  # Soft labels as ProDA stores them; float16 halves them.
     config.offline.flip = False
@@ -219,6 +219,7 @@ def get_config(arg=None):
     for name in common.NORMALIZATIONS["unit"]:
         config.data[name] = common.NORMALIZATIONS["unit"][name]
     if args.synthetic:
+        config.batch_size = 8  # As every synthetic-benchmark row.
         config.optimizer.learning_rate = 2.5e-3
         config.data.source.size = config.data.target.size = (64, 128)
         crop, scale = (64, 128), (1.0, 1.5)
