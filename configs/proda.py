@@ -146,7 +146,6 @@ def _stages(config, args, synthetic: bool) -> dict:
     stage1_lr = 1e-3 if synthetic else 1e-4
     distill_lr = 2.5e-3 if synthetic else 6e-4
     hard_labels = {"pass": "predictions", "stream": "target", "flip": True}
-    stage2_init = {"seg": args.simclr} if args.simclr else {}
     views = _target_views(config)
     return {
         "warmup": {"init_from": args.init},
@@ -172,7 +171,8 @@ def _stages(config, args, synthetic: bool) -> dict:
             "method": "proda_distillation",
             "total_steps": self_training_steps,
             "model": {"bn_clr": True},
-            "init": {**stage2_init, "teacher": "stage:stage1"},
+            # '' = random: ProDA's student starts from SimCLR (`:simclr=PATH`).
+            "init": {"seg": args.simclr, "teacher": "stage:stage1"},
             "proda": {"rce": False},  # The stage-2/3 commands have no --rce.
             "data": {"target": {**views, "artifacts": "stage:hard_labels1"}},
             "optimizer": {"learning_rate": distill_lr, **finetune},
