@@ -70,6 +70,20 @@ def _gather(maps, i0, i1, w1, axis, method):
     return take(maps, i0) * (1 - w1) + take(maps, i1) * w1
 
 
+def _checked(maps, method: str, fill):
+    """(maps as an array, fill: IGNORE_LABEL for integer maps and 0 for floats when None);
+    raises on an unknown method or bilinear resampling of integer maps."""
+    if method not in ("bilinear", "nearest"):
+        raise ValueError(f"method must be 'bilinear' or 'nearest', got {method!r}")
+    maps = jnp.asarray(maps)
+    integer = not jnp.issubdtype(maps.dtype, jnp.inexact)
+    if method == "bilinear" and integer:
+        raise ValueError(f"bilinear resampling of {maps.dtype} maps; use method='nearest'")
+    if fill is None:
+        fill = IGNORE_LABEL if integer else 0
+    return maps, fill
+
+
 def resample(
     maps: jax.Array,
     src_box: jax.Array,
@@ -95,14 +109,7 @@ def resample(
     Returns:
       (maps [N, height, width, ...], valid [N, height, width] bool: covered by the source).
     """
-    if method not in ("bilinear", "nearest"):
-        raise ValueError(f"method must be 'bilinear' or 'nearest', got {method!r}")
-    maps = jnp.asarray(maps)
-    integer = not jnp.issubdtype(maps.dtype, jnp.inexact)
-    if method == "bilinear" and integer:
-        raise ValueError(f"bilinear resampling of {maps.dtype} maps; use method='nearest'")
-    if fill is None:
-        fill = IGNORE_LABEL if integer else 0
+    maps, fill = _checked(maps, method, fill)
     src_box = jnp.asarray(src_box, jnp.float32)
     dst_box = jnp.asarray(dst_box, jnp.float32)
     height, width = maps.shape[1:3]
@@ -247,14 +254,7 @@ def to_strong(
     Returns:
       (maps [N, h, w, ...] in the strong view, valid [N, h, w] bool: False where `fill`ed).
     """
-    if method not in ("bilinear", "nearest"):
-        raise ValueError(f"method must be 'bilinear' or 'nearest', got {method!r}")
-    maps = jnp.asarray(maps)
-    integer = not jnp.issubdtype(maps.dtype, jnp.inexact)
-    if method == "bilinear" and integer:
-        raise ValueError(f"bilinear resampling of {maps.dtype} maps; use method='nearest'")
-    if fill is None:
-        fill = IGNORE_LABEL if integer else 0
+    maps, fill = _checked(maps, method, fill)
     matrix = jnp.asarray(matrix, jnp.float32)
     if frames is None:
         frames = matrix[:, None]

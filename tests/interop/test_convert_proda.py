@@ -24,7 +24,6 @@ from tests.interop import fakes
 from tests.models import test_proda as test_proda_model
 
 STAGE_SIZES, WIDTH, HEAD_WIDTH, NUM_CLASSES = (1, 1, 1, 1), 4, 64, 19
-TOLERANCE = 1e-4  # As tests/models/test_proda.py and tests/interop/test_parity.py.
 
 
 def _rng(seed=0):
@@ -266,7 +265,7 @@ def test_proda_pkl_into_deeplab_v2_writes_no_prototypes(tmp_path):
 def test_converted_proda_file_matches_the_torch_transcription(bn_clr):
     torch = _torch()
     reference = pytest.importorskip("jaxda.interop.torch_reference_proda")
-    from tests.interop.test_parity import randomize, relative_error
+    from tests.interop.test_parity import randomize
 
     width = 8
     torch.manual_seed(0)
@@ -287,26 +286,7 @@ def test_converted_proda_file_matches_the_torch_transcription(bn_clr):
     variables, report = convert.convert_segmenter(obj, config)
     assert report.missing == [] and report.unexpected == []
     model = models.build_segmenter(config.model, config.num_classes)
-    x_nhwc = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
-    errors = {}
-    for mode in ("eval", "train"):
-        torch_model.train(mode == "train")
-        torch_model.layer5.head[0].eval()  # Batch statistics, no dropout.
-        with torch.no_grad():
-            expected = torch_model(x)
-        torch_model.eval()
-        out, state = model.apply(
-            variables, x_nhwc, train=mode == "train", mutable=["intermediates", "batch_stats"]
-        )
-        (feature,) = state["intermediates"]["feature"]
-        errors[mode] = {
-            "main": relative_error(out["main"], expected["out"]),
-            "feature": relative_error(feature, expected["feat"]),
-        }
-    print(f"relative errors (bn_clr={bn_clr}): {errors}")
-    for per_output in errors.values():
-        for name, error in per_output.items():
-            assert error < TOLERANCE, (name, errors)
+    test_proda_model.assert_matches_transcription(model, variables, torch_model, x, bn_clr)
 
 
 def test_command_line_proda_and_simclr(tmp_path):

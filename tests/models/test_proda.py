@@ -189,6 +189,35 @@ def _flat_dict(tree, prefix=()):
     return out
 
 
+def assert_matches_transcription(model, variables, torch_model, x, bn_clr) -> None:
+    """The JAX ProDA network's logits and feature against the PyTorch transcription's on x
+    [N, 3, H, W], in evaluation and training mode (batch statistics; dropout off both sides)."""
+    import torch
+
+    from tests.interop.test_parity import relative_error
+
+    x_nhwc = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+    errors = {}
+    for mode in ("eval", "train"):
+        torch_model.train(mode == "train")
+        torch_model.layer5.head[0].eval()  # Batch statistics, but no dropout.
+        with torch.no_grad():
+            expected = torch_model(x)
+        torch_model.eval()
+        out, state = model.apply(
+            variables, x_nhwc, train=mode == "train", mutable=["intermediates", "batch_stats"]
+        )
+        (feature,) = state["intermediates"]["feature"]
+        errors[mode] = {
+            "main": relative_error(out["main"], expected["out"]),
+            "feature": relative_error(feature, expected["feat"]),
+        }
+    print(f"relative errors (bn_clr={bn_clr}): {errors}")
+    for per_output in errors.values():
+        for name, error in per_output.items():
+            assert error < TOLERANCE, (name, errors)
+
+
 def randomize_head(torch_model, generator, torch):
     """GroupNorm affine and SE linears drawn at random (`randomize` covers convs and BN)."""
     with torch.no_grad():
@@ -205,7 +234,7 @@ def randomize_head(torch_model, generator, torch):
 def test_parity_with_torch_transcription(bn_clr):
     torch = pytest.importorskip("torch")
     reference = pytest.importorskip("jaxda.interop.torch_reference_proda")
-    from tests.interop.test_parity import randomize, relative_error
+    from tests.interop.test_parity import randomize
 
     torch.manual_seed(0)
     torch_model = reference.ProDADeepLabV2Torch(
@@ -221,26 +250,4 @@ def test_parity_with_torch_transcription(bn_clr):
     # Dropout off so that the batch-statistics pass is deterministic on both sides.
     model = _model(bn_clr=bn_clr, dropout=False)
     variables = _carry_over(torch_model.state_dict(), _variables(model))
-    x_nhwc = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
-    errors = {}
-    for mode in ("eval", "train"):
-        torch_model.train(mode == "train")
-        torch_model.layer5.head[0].eval()  # Batch statistics, but no dropout.
-        with torch.no_grad():
-            expected = torch_model(x)
-        torch_model.eval()
-        out, state = model.apply(
-            variables,
-            x_nhwc,
-            train=mode == "train",
-            mutable=["intermediates", "batch_stats"],
-        )
-        (feature,) = state["intermediates"]["feature"]
-        errors[mode] = {
-            "main": relative_error(out["main"], expected["out"]),
-            "feature": relative_error(feature, expected["feat"]),
-        }
-    print(f"relative errors (bn_clr={bn_clr}): {errors}")
-    for per_output in errors.values():
-        for name, error in per_output.items():
-            assert error < TOLERANCE, (name, errors)
+    assert_matches_transcription(model, variables, torch_model, x, bn_clr)
