@@ -39,6 +39,10 @@ MANIFEST = "manifest.json"
 CHUNKS = "chunks"
 
 
+# Per-example outputs of `label_agreement`: summarised in the manifest, not joined to streams.
+AGREEMENT_COUNTS = ("labelled", "correct", "confident", "confident_correct")
+
+
 class IncompletePassError(FileNotFoundError):
     """An offline pass's outputs were read before the pass finished."""
 
@@ -185,7 +189,9 @@ def _consolidate(
 
 
 def load(out_dir: str) -> dict[str, np.ndarray]:
-    """{output: [num_examples, ...] read-only memory map} of a complete pass."""
+    """{output: [num_examples, ...] read-only memory map} of a complete pass: what a stream
+    with `artifacts` joins to its examples. The label-agreement counts are monitoring only
+    (summarised in the manifest), so they are left out and never reach a train step."""
     manifest = read_manifest(out_dir)
     if manifest is None:
         raise IncompletePassError(
@@ -195,6 +201,7 @@ def load(out_dir: str) -> dict[str, np.ndarray]:
     return {
         name: np.load(os.path.join(out_dir, f"{name}.npy"), mmap_mode="r")
         for name in manifest["outputs"]
+        if name not in AGREEMENT_COUNTS
     }
 
 
@@ -219,7 +226,7 @@ def label_agreement(pseudo_label, label, confident=None, ignore_label: int = IGN
 def agreement_summary(outputs: dict) -> dict:
     """{'pseudo_label_accuracy', and with confidence counts 'confident_accuracy' and
     'coverage'} over the split, from `label_agreement`'s per-example counts."""
-    total = {k: int(np.sum(outputs[k], dtype=np.int64)) for k in outputs if k in _COUNTS}
+    total = {k: int(np.sum(outputs[k], dtype=np.int64)) for k in outputs if k in AGREEMENT_COUNTS}
     if not total.get("labelled"):
         return {}
     summary = {"pseudo_label_accuracy": total["correct"] / total["labelled"]}
@@ -227,9 +234,6 @@ def agreement_summary(outputs: dict) -> dict:
         summary["coverage"] = total["confident"] / total["labelled"]
         summary["confident_accuracy"] = total["confident_correct"] / max(total["confident"], 1)
     return summary
-
-
-_COUNTS = ("labelled", "correct", "confident", "confident_correct")
 
 
 def softmax_at_input_size(model, variables, images, head: str, flip: bool) -> jax.Array:

@@ -10,11 +10,10 @@ import pytest
 
 from jaxda import checkpoints
 from jaxda import mesh as mesh_lib
-from jaxda.data import input_pipeline
 from jaxda.evaluation import run as eval_run
 from jaxda.train import offline, stages, trainer
 from tests.conftest import tiny_config
-from tests.methods import mean_teacher_config
+from tests.methods import interrupt, mean_teacher_config
 
 
 def _config(data_dir):
@@ -26,10 +25,6 @@ def _config(data_dir):
     config.model.width = 4
     config.mean_teacher.threshold = 0.057  # A 4-step warm-up is barely above 1/19.
     return config
-
-
-class _Crash(Exception):
-    pass
 
 
 def _state_of(workdir, config):
@@ -63,38 +58,13 @@ def test_mean_teacher_stages_train_and_resume_exactly(data_dir, tmp_path, monkey
     assert any(not np.array_equal(a, b) for a, b in pairs)
 
     # Interrupt the offline pass after its first batch ...
-    save = np.savez
-    calls = []
-
-    def crashing_savez(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise _Crash
-        return save(*args, **kwargs)
-
-    monkeypatch.setattr(offline.np, "savez", crashing_savez)
-    with pytest.raises(_Crash):
-        stages.run(config, crashed_dir)
-    monkeypatch.setattr(offline.np, "savez", save)
+    interrupt.in_offline_pass(monkeypatch, config, crashed_dir, "pseudo_labels")
     assert offline.read_manifest(os.path.join(crashed_dir, "pseudo_labels")) is None
     with pytest.raises(offline.IncompletePassError):
         offline.load(os.path.join(crashed_dir, "pseudo_labels"))
 
     # ... then self-training before its step 3 (after the step-2 checkpoint), then rerun.
-    make_iterator = input_pipeline.train_iterator
-
-    def crashing_iterator(reader, domain_config, *args, **kwargs):
-        iterator = make_iterator(reader, domain_config, *args, **kwargs)
-        if domain_config.artifacts:
-            for _ in range(3):
-                yield next(iterator)
-            raise _Crash
-        yield from iterator
-
-    monkeypatch.setattr(input_pipeline, "train_iterator", crashing_iterator)
-    with pytest.raises(_Crash):
-        stages.run(config, crashed_dir)
-    monkeypatch.setattr(input_pipeline, "train_iterator", make_iterator)
+    interrupt.in_training(monkeypatch, config, crashed_dir, lambda stream: stream.artifacts)
     assert checkpoints.Checkpointer(os.path.join(crashed_dir, "self_training")).all_steps() == [2]
     resumed = stages.run(config, crashed_dir)
 

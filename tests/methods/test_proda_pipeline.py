@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from configs import proda as proda_config
-from jaxda.data import input_pipeline
 from jaxda.train import offline, stages
 from tests.conftest import TINY_DATASET
+from tests.methods import interrupt
 
 pytestmark = pytest.mark.slow
 
@@ -37,10 +37,6 @@ def _config(data_dir):
     return config
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_pipeline_runs_and_resumes_exactly(data_dir, tmp_path, monkeypatch):
     config = _config(data_dir)
     straight_dir, crashed_dir = str(tmp_path / "straight"), str(tmp_path / "crashed")
@@ -53,37 +49,16 @@ def test_pipeline_runs_and_resumes_exactly(data_dir, tmp_path, monkeypatch):
     assert prototypes.shape == (config.num_classes, config.model.head_width)
 
     # Interrupt stage 1 before its step 3 (after the step-2 checkpoint) ...
-    make_iterator = input_pipeline.train_iterator
-
-    def crashing_iterator(reader, domain_config, *args, **kwargs):
-        iterator = make_iterator(reader, domain_config, *args, **kwargs)
-        if domain_config.get("strong") and "soft_labels" in domain_config.get("artifacts"):
-            for _ in range(3):
-                yield next(iterator)
-            raise _Crash
-        yield from iterator
-
-    monkeypatch.setattr(input_pipeline, "train_iterator", crashing_iterator)
-    with pytest.raises(_Crash):
-        stages.run(config, crashed_dir)
-    monkeypatch.setattr(input_pipeline, "train_iterator", make_iterator)
+    interrupt.in_training(
+        monkeypatch,
+        config,
+        crashed_dir,
+        lambda stream: stream.get("strong") and "soft_labels" in stream.get("artifacts"),
+    )
     assert not os.path.exists(os.path.join(crashed_dir, "stage1", "results.json"))
 
     # ... then, resumed, the first hard-label pass after its first batch, then rerun.
-    save = np.savez
-    calls = []
-
-    def crashing_savez(path, *args, **kwargs):
-        if "hard_labels1" in str(path):
-            calls.append(1)
-            if len(calls) == 2:
-                raise _Crash
-        return save(path, *args, **kwargs)
-
-    monkeypatch.setattr(offline.np, "savez", crashing_savez)
-    with pytest.raises(_Crash):
-        stages.run(config, crashed_dir)
-    monkeypatch.setattr(offline.np, "savez", save)
+    interrupt.in_offline_pass(monkeypatch, config, crashed_dir, "hard_labels1")
     assert os.path.exists(os.path.join(crashed_dir, "stage1", "results.json"))
     assert offline.read_manifest(os.path.join(crashed_dir, "hard_labels1")) is None
     resumed = stages.run(config, crashed_dir)
