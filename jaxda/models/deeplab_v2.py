@@ -104,7 +104,7 @@ class DeepLabV2(nn.Module):
     @classmethod
     def from_config(cls, model_config: ml_collections.ConfigDict, num_classes: int):
         """From config.model: depth (or stage_sizes), width, aspp_dilations,
-        num_aspp_branches, multi_level, bn_mode ('frozen' keeps running statistics)."""
+        num_aspp_branches, multi_level, bn_mode (`layers.BN_MODES`)."""
         return cls(
             num_classes=num_classes,
             stage_sizes=layers.stage_sizes(model_config, resnet.STAGE_SIZES),
@@ -112,7 +112,7 @@ class DeepLabV2(nn.Module):
             aspp_dilations=tuple(model_config.aspp_dilations),
             num_aspp_branches=model_config.num_aspp_branches,
             multi_level=model_config.multi_level,
-            train_batch_stats=model_config.bn_mode != "frozen",
+            train_batch_stats=layers.train_batch_stats(model_config.bn_mode),
         )
 
 

@@ -255,5 +255,5 @@ class DeepLabV3Plus(nn.Module):
             aux_width=model_config.aux_width,
             multi_level=model_config.multi_level,
             dropout=model_config.dropout,
-            train_batch_stats=model_config.bn_mode != "frozen",
+            train_batch_stats=layers.train_batch_stats(model_config.bn_mode),
         )

@@ -88,6 +88,31 @@ def batch_norm(
     )
 
 
+# config.model.bn_mode -> (BN normalises with batch statistics in training, affine trained).
+BN_MODES = {
+    "batch_stats": (True, False),  # AdaptSegNet, ADVENT: model.train() with requires_grad off.
+    "frozen": (False, False),  # Running statistics, nothing trained.
+    "train": (True, True),  # SyncBN / BN trained as usual.
+    "frozen_stats": (False, True),  # DA-SAC's SAC stage: eval-mode BN, scale/offset trained.
+}
+
+
+def _bn_mode(bn_mode: str) -> tuple[bool, bool]:
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"config.model.bn_mode={bn_mode!r}; use one of {sorted(BN_MODES)}")
+    return BN_MODES[bn_mode]
+
+
+def train_batch_stats(bn_mode: str) -> bool:
+    """Whether BN normalises with batch statistics (and updates its running ones) in training."""
+    return _bn_mode(bn_mode)[0]
+
+
+def frozen_bn_affine(bn_mode: str) -> bool:
+    """Whether the BN scale and offset stay fixed (left out of the optimizer)."""
+    return not _bn_mode(bn_mode)[1]
+
+
 def is_batch_norm_param(path: tuple[str, ...]) -> bool:
     """True for a parameter path ('backbone', 'layer1', 'block_0', 'bn1', 'scale') of a BN."""
     return len(path) >= 2 and path[-2].startswith("bn")

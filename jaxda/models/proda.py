@@ -135,7 +135,7 @@ class ProDADeepLabV2(nn.Module):
     @classmethod
     def from_config(cls, model_config: ml_collections.ConfigDict, num_classes: int):
         """From config.model: depth (or stage_sizes), width, head_width, bn_clr, dropout,
-        optional aspp_dilations and bn_mode ('frozen' keeps running statistics)."""
+        optional aspp_dilations and bn_mode (`layers.BN_MODES`)."""
         return cls(
             num_classes=num_classes,
             stage_sizes=layers.stage_sizes(model_config, resnet.STAGE_SIZES),
@@ -144,5 +144,5 @@ class ProDADeepLabV2(nn.Module):
             aspp_dilations=tuple(model_config.get("aspp_dilations", (6, 12, 18, 24))),
             bn_clr=model_config.get("bn_clr", False),
             dropout=model_config.get("dropout", True),
-            train_batch_stats=model_config.get("bn_mode", "trainable") != "frozen",
+            train_batch_stats=layers.train_batch_stats(model_config.get("bn_mode", "train")),
         )

@@ -5,8 +5,10 @@ segmentation network: SGD, momentum 0.9, weight decay 5e-4, poly schedule) or
 'disc_optimizer' (Adam, poly). Within a network, the model declares its parameter groups
 (`jaxda.models.param_groups`: 'backbone', 'head', ...) and the block gives each group its
 learning-rate and weight-decay multipliers; a group without a multiplier is an error, never a
-silent 1x. Frozen BN affine parameters (bn_mode 'batch_stats' / 'frozen') and the block's
+silent 1x. Frozen BN affine parameters (`layers.frozen_bn_affine`) and the block's
 `freeze` regexes get no update and no weight decay (PyTorch leaves them out of its optimizer).
+Biases (conv biases and BN offsets: parameters named 'bias') may get their own learning-rate
+factor and no weight decay (`bias_lr_multiplier`, `bias_weight_decay`; DA-SAC: 2x, none).
 """
 
 import re
@@ -22,6 +24,7 @@ from jaxda.train import state as state_lib
 
 FROZEN = "frozen"
 CONSTANT = "constant"  # Label suffix of groups of a `constant_lr` network.
+BIAS = "bias"  # Label suffix of the biases of a group.
 
 
 def poly_schedule(base_lr: float, decay_steps: int, power: float) -> optax.Schedule:
@@ -42,7 +45,8 @@ def path_names(path) -> tuple[str, ...]:
 def network_labels(
     module, params: Mapping, block: str, *, freeze_bn_affine: bool, freeze=(), train_only=()
 ) -> dict:
-    """Labels '<block>/<group>' or 'frozen' for every parameter of one network.
+    """Labels '<block>/<group>', '<block>/<group>/bias' (parameters named 'bias') or
+    'frozen' for every parameter of one network.
 
     Args:
       module / params: the network and its params (groups from `module.param_groups`).
@@ -62,13 +66,18 @@ def network_labels(
             or (only and not any(p.fullmatch(joined) for p in only))
         ):
             return FROZEN
-        return f"{block}/{groups[names[0]]}"
+        suffix = f"/{BIAS}" if names[-1] == "bias" else ""
+        return f"{block}/{groups[names[0]]}{suffix}"
 
     return jax.tree_util.tree_map_with_path(label, params)
 
 
 def _group_transform(
-    config: ml_collections.ConfigDict, block: str, group: str, constant: bool = False
+    config: ml_collections.ConfigDict,
+    block: str,
+    group: str,
+    constant: bool = False,
+    bias: bool = False,
 ) -> optax.GradientTransformation:
     opt = config[block]
     multipliers = dict(opt.lr_multipliers)
@@ -77,12 +86,14 @@ def _group_transform(
             f"config.{block}.lr_multipliers has no entry for the parameter group {group!r} "
             f"(it has {sorted(multipliers)}); add one, e.g. {group}=1.0"
         )
-    multiplier = multipliers[group]
+    multiplier = multipliers[group] * (opt.get("bias_lr_multiplier", 1.0) if bias else 1.0)
     base = optax.constant_schedule(opt.learning_rate) if constant else schedule(config, block)
     learning_rate = lambda count: multiplier * base(count)  # noqa: E731
     weight_decay = opt.get("weight_decay", 0.0) * dict(opt.get("weight_decay_multipliers", {})).get(
         group, 1.0
     )
+    if bias and not opt.get("bias_weight_decay", True):
+        weight_decay = 0.0
     if opt.name == "sgd":
         update = optax.sgd(learning_rate, momentum=opt.momentum)
     elif opt.name == "adam":
@@ -104,7 +115,7 @@ def make_optimizer(
       params: the (abstract) params pytree the optimizer will see.
     """
     labels, groups = {}, set()
-    freeze_bn = config.model.bn_mode in ("batch_stats", "frozen")
+    freeze_bn = layers.frozen_bn_affine(config.model.get("bn_mode", "train"))
     for name, network in networks.items():
         if network.is_teacher:
             continue
@@ -127,6 +138,8 @@ def make_optimizer(
         groups.update(x for x in jax.tree.leaves(labels[name]) if x != FROZEN)
     transforms = {FROZEN: optax.set_to_zero()}
     for label in sorted(groups):
-        block, group, *constant = label.split("/")
-        transforms[label] = _group_transform(config, block, group, constant == [CONSTANT])
+        block, group, *flags = label.split("/")
+        transforms[label] = _group_transform(
+            config, block, group, constant=CONSTANT in flags, bias=BIAS in flags
+        )
     return optax.partition(transforms, state_lib.nest(labels))

@@ -124,3 +124,49 @@ def test_ema_update(mode):
     t, s = teacher["batch_stats"]["mean"], student["batch_stats"]["mean"]
     expected = {"copy": s, "keep": t, "ema": 0.99 * t + 0.01 * s}[mode]
     np.testing.assert_allclose(new["batch_stats"]["mean"], expected)
+
+
+def test_dasac_parameter_groups_after_sgd_steps():
+    """DA-SAC's groups (basenet.parameter_groups): backbone weights 1x with weight decay,
+    backbone biases (BN offsets included) 2x without, head weights 10x with, head biases 20x
+    without; BN scales are weights; bn_mode 'frozen_stats' trains the BN affine; constant lr."""
+    config = tiny_config("source_only", **{"optimizer.weight_decay": 0.1, "total_steps": 10})
+    config.model.bn_mode = "frozen_stats"
+    config.model.multi_level = False
+    config.optimizer.poly_power = 0.0
+    config.optimizer.bias_lr_multiplier = 2.0
+    config.optimizer.bias_weight_decay = False
+    setup = _setup(config)
+    params = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), setup.abstract_state.params)
+    state = setup.tx.init(params)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    for _ in range(2):
+        updates, state = setup.tx.update(grads, state, params)
+        params = jax.tree.map(lambda a, u: a + u, params, updates)
+
+    def reference(multiplier, decay):
+        """PyTorch SGD(momentum 0.9) for two steps at a constant lr from p = 1, grad 0.5."""
+        p, buf = 1.0, 0.0
+        for _ in range(2):
+            buf = 0.9 * buf + 0.5 + decay * p
+            p -= multiplier * config.optimizer.learning_rate * buf
+        return p
+
+    seg = params["seg"]
+    bn = seg["backbone"]["layer1_0"]["bn1"]
+    expected = {
+        "backbone conv": (seg["backbone"]["layer1_0"]["conv1"]["kernel"], reference(1, 0.1)),
+        "BN scale": (bn["scale"], reference(1, 0.1)),
+        "BN offset": (bn["bias"], reference(2, 0.0)),
+        "head weight": (seg["head_main"]["branch0"]["kernel"], reference(10, 0.1)),
+        "head bias": (seg["head_main"]["branch0"]["bias"], reference(20, 0.0)),
+    }
+    for name, (value, want) in expected.items():
+        np.testing.assert_allclose(value, want, rtol=1e-6, err_msg=name)
+    assert "head_aux" not in seg
+
+
+def test_unknown_bn_mode_is_refused():
+    config = tiny_config("source_only", **{"model.bn_mode": "eval"})
+    with pytest.raises(ValueError, match=r"bn_mode='eval'; use one of .*frozen_stats"):
+        _setup(config)
