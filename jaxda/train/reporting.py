@@ -51,18 +51,46 @@ def evaluate(evaluator, writer, state, method, step: int, workdir: str) -> dict:
     return results
 
 
-def summarize_run(history: list[dict], total_steps: int) -> dict:
-    """Final-checkpoint results and, separately labelled, the best evaluation on the val split."""
-    final = next((r for r in history if r["step"] == total_steps), None)
+def final_results(evaluator, writer, state, method, workdir: str) -> dict:
+    """The final step scored on config.data.eval when the periodic evaluations ran on a
+    separate selection split; kept in `workdir/eval/final.json` (written once per step)."""
+    path = os.path.join(workdir, EVAL_SUBDIR, "final.json")
+    step = int(state.step)
+    if os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)
+        if results["step"] == step:
+            return results
+    results, images = evaluator.run_with_visuals(state.variables(method.eval_network), step)
+    if jax.process_index() == 0:
+        evaluator_lib.write_results(results, path)
+    if images:
+        writer.write_images(step, {f"final/{k}": v for k, v in images.items()})
+    return results
+
+
+def summarize_run(history: list[dict], total_steps: int, final: dict | None = None) -> dict:
+    """Final-checkpoint results and, separately labelled, the best periodic evaluation.
+
+    Without `final`, the periodic evaluations ran on the evaluation split itself and the final
+    results are its last one; with it, they ran on a selection split (config.data.selection)
+    and `final` is the last step scored on the evaluation split.
+    """
+    if final is None:
+        final = next((r for r in history if r["step"] == total_steps), None)
+        note = "the evaluation split itself: an optimistic, selected number, not a held-out"
+    else:
+        note = "the selection split (config.data.selection), not the evaluation split: a"
+    note = f"best of the periodic evaluations on {note} result; report 'final'"
     summary = {"final": final}
     if history:
         best = max(history, key=lambda r: r["miou"])
         summary["selected_on_validation"] = {
-            "note": "best of the periodic evaluations on the evaluation split itself: an "
-            "optimistic, selected number, not a held-out result; report 'final'",
+            "note": note,
             "step": best["step"],
             "miou": best["miou"],
             "evaluated_steps": [r["step"] for r in history],
+            "protocol": best.get("protocol", {}),
         }
     return summary
 

@@ -54,7 +54,21 @@ def stage_config(
     with result.unlocked():
         result.stages, result.stage_order, result.stage = {}, (), ""
         _apply(result, overrides, workdir, f"config.stages.{name}")
+        if config.get("stage") == name and config.get("init_from"):
+            _user_init_wins(result, config.init_from, overrides)
     return result
+
+
+def _user_init_wins(result: ml_collections.ConfigDict, path: str, overrides) -> None:
+    """A stage run alone (`:stage=NAME`) with a top-level `--config.init_from=PATH`: PATH
+    replaces the stage's own previous-stage reference ('stage:...') for the network 'seg', so
+    a stage can start from a run in another workdir (e.g. DA-SAC's SAC from an ABN run)."""
+    own = overrides.get("init_from") or (overrides.get("init") or {}).get("seg")
+    if not (isinstance(own, str) and own.startswith(STAGE_PREFIX)):
+        return
+    if "seg" in result.get("init", {}):
+        del result.init["seg"]
+    result.init_from = path
 
 
 def _is_offline(config: ml_collections.ConfigDict) -> bool:

@@ -183,6 +183,25 @@ def _initial_state(config, setup: Setup, checkpointer):
     return state, {"init": sources} if sources else {}
 
 
+def stream_batch_size(config, domain: str) -> int:
+    """Examples per step of training stream config.data.<domain>: its own `batch_size` when
+    set (DA-SAC: 8 source images, 2 target images of 4 views each), else config.batch_size.
+    (A test-time method's 'eval' stream steps by config.batch_size.)"""
+    if domain == "eval":
+        return config.batch_size
+    return config.data[domain].get("batch_size") or config.batch_size
+
+
+def _check_stream_batches(config, domains, mesh) -> None:
+    """Every stream's rows per step (images; views for a stream with `group`) must split
+    evenly over the devices."""
+    for domain in domains:
+        rows = stream_batch_size(config, domain)
+        group = config.data[domain].get("group") or {}
+        rows *= group.get("size", 1)
+        mesh_lib.check_batch_size(rows, mesh, f"data.{domain}.batch_size (x views)")
+
+
 def _streams(config, method: spec.Method, readers: dict, start_step: int) -> Iterator[dict]:
     """Host batches {domain: {...}} from step `start_step` on."""
     if method.test_time:
@@ -200,9 +219,9 @@ def _streams(config, method: spec.Method, readers: dict, start_step: int) -> Ite
             readers[domain],
             config.data[domain],
             config.data,
-            global_batch_size=config.batch_size,
+            global_batch_size=stream_batch_size(config, domain),
             seed=(config.seed, stream),
-            start=start_step * config.batch_size,
+            start=start_step * stream_batch_size(config, domain),
         )
         for stream, domain in enumerate(method.domains)
     }
@@ -222,15 +241,26 @@ def _total_steps(config, method: spec.Method, readers: dict) -> int:
     return config.total_steps
 
 
-def _check_positions(meta: dict, domains, start_step: int, batch_size: int) -> None:
+def _check_positions(meta: dict, config, domains, start_step: int) -> None:
     for domain, saved in meta.get("data_position", {}).items():
-        expected = start_step * batch_size
-        if domain in domains and saved != expected:
+        if domain not in domains:
+            continue
+        expected = start_step * stream_batch_size(config, domain)
+        if saved != expected:
             raise checkpoints.CheckpointMismatchError(
                 f"Checkpoint of step {start_step} recorded {domain} stream position {saved}, but "
-                f"step x batch_size = {expected}: config.batch_size changed since it was "
-                "written. Resume with the original batch size or use a new workdir."
+                f"step x batch size = {expected}: config.batch_size (or data.{domain}."
+                "batch_size) changed since it was written. Resume with the original batch "
+                "size or use a new workdir."
             )
+
+
+def _evaluating(config: ml_collections.ConfigDict, stream) -> ml_collections.ConfigDict:
+    """`config` with config.data.eval replaced by another evaluation stream."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.data.eval = stream
+    return config
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -242,14 +272,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     setup = build(config, mesh)
     method = setup.method
     domains = ("eval",) if method.test_time else method.domains
+    if not method.test_time:
+        _check_stream_batches(config, domains, mesh)
     # Open every dataset before the expensive initialisation, so missing data fails at once.
     readers = {d: input_pipeline.open_reader(config.data[d], config.data) for d in domains}
     evaluator = evaluator_lib.Evaluator(setup.model, config, mesh)
+    # Periodic evaluations run on config.data.selection when set (DA-SAC's val2); the final
+    # step is then scored once on config.data.eval.
+    selection = config.data.get("selection")
+    periodic = evaluator
+    if selection and not method.test_time:
+        periodic = evaluator_lib.Evaluator(setup.model, _evaluating(config, selection), mesh)
     total_steps = _total_steps(config, method, readers)
     checkpointer = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints)
     state, meta = _initial_state(config, setup, checkpointer)
     start_step = int(state.step)
-    _check_positions(meta, domains, start_step, config.batch_size)
+    _check_positions(meta, config, domains, start_step)
     if is_writer:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -305,14 +343,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 window.clear()
             if save:
                 meta = {
-                    "data_position": {d: step * config.batch_size for d in domains},
+                    "data_position": {d: step * stream_batch_size(config, d) for d in domains},
                     "model": checkpoints.model_meta(config.model),
                     "method": config.method,
                 }
                 checkpointer.save(step, setup.checkpoint_items(state), meta)
                 last_checkpoint = step
             if evaluate and not method.test_time:
-                history.append(reporting.evaluate(evaluator, writer, state, method, step, workdir))
+                history.append(reporting.evaluate(periodic, writer, state, method, step, workdir))
     finally:
         checkpointer.wait()
         checkpointer.close()
@@ -324,8 +362,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if not history or history[-1]["step"] != total_steps:
             # Resumed after the last step had already been trained: evaluate it again.
             step = int(state.step)
-            history.append(reporting.evaluate(evaluator, writer, state, method, step, workdir))
-        summary = {"method": config.method, **reporting.summarize_run(history, total_steps)}
+            history.append(reporting.evaluate(periodic, writer, state, method, step, workdir))
+        final = None
+        if periodic is not evaluator:
+            final = reporting.final_results(evaluator, writer, state, method, workdir)
+        summary = {"method": config.method, **reporting.summarize_run(history, total_steps, final)}
     writer.close()
     if is_writer:
         evaluator_lib.write_results(summary, os.path.join(workdir, RESULTS_FILE))

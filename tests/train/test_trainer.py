@@ -10,8 +10,9 @@ import pytest
 from jaxda import checkpoints
 from jaxda import mesh as mesh_lib
 from jaxda.data import input_pipeline
+from jaxda.evaluation import evaluator as evaluator_lib
 from jaxda.evaluation import run as eval_run
-from jaxda.train import methods, source_only, spec, trainer
+from jaxda.train import methods, reporting, source_only, spec, trainer
 from tests.conftest import tiny_config
 
 
@@ -141,3 +142,27 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path, monkeypatc
     assert checkpoints.Checkpointer(workdir).all_steps() == [1, 2]
     restored = _params_of(workdir, config)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored))
+
+
+def test_selection_split_for_periodic_evaluations(data_dir, tmp_path):
+    """With config.data.selection, periodic evaluations (and the labelled selection) use it,
+    and 'final' is the last step scored once on config.data.eval."""
+    workdir = str(tmp_path / "run")
+    config = tiny_config("source_only", data_dir=data_dir)
+    config.data.selection = config.data.eval.copy_and_resolve_references()
+    config.data.selection.split = "target_train"
+    summary = trainer.train_and_evaluate(config, workdir)
+    selected = summary["selected_on_validation"]
+    assert selected["protocol"]["split"] == "target_train"
+    assert "selection split" in selected["note"]
+    final = summary["final"]
+    assert final["step"] == 4 and final["protocol"]["split"] == "target_validation"
+    history = reporting.load_eval_history(workdir)
+    assert [r["protocol"]["split"] for r in history] == ["target_train"] * 2
+    # The final number is the evaluation split's score of the last checkpoint.
+    mesh = mesh_lib.make_mesh(1)
+    model = trainer.build(config, mesh).model
+    variables = _params_of(workdir, config, 4)
+    expected = evaluator_lib.Evaluator(model, config, mesh).run(variables, 4)
+    assert final["miou"] == pytest.approx(expected["miou"], abs=1e-9)
+    assert final["miou"] != pytest.approx(history[-1]["miou"], abs=1e-9)
