@@ -85,6 +85,20 @@ def domain(
             # where box/flip place the view in the example's frame (jaxda.data.geometry).
             # {} = one view, as configured above.
             "views": {},
+            # DA-SAC's groups of views (jaxda/data/view_groups.py): {} = off; else any of size
+            # (views T: 4), zoom ((0.5, 1.0): views 1.. show a window of s ~ U(min, max) of each
+            # side, resized back; s = 1 leaves a view unchanged), flip (True: each view mirrored
+            # with p 0.5), blur_radius ((0.1, 2.0); () = no blur), jitter (0.4: brightness,
+            # contrast, saturation factors ~ U(1 - j, 1 + j)), jitter_prob (0.5), hue (0.1:
+            # shift ~ U(-hue, hue)), greyscale_prob (0.2); missing keys take these defaults.
+            # The augmentation above gives the reference crop; examples become {'group':
+            # {'image' (noisy, student), 'clean' (teacher), 'label', 'valid': [T, ...], 'box',
+            # 'flip'}}, box/flip placing each view in the reference. Excludes views and strong.
+            "group": {},
+            # This stream's own normalisation (DA-SAC normalises source and target
+            # differently); None = config.data's image_mean / image_std.
+            "image_mean": config_dict.placeholder(tuple),
+            "image_std": config_dict.placeholder(tuple),
             # An offline pass directory (e.g. 'stage:pseudo_labels'): its outputs are joined
             # to this stream's examples by example index, as example[output].
             "artifacts": "",
@@ -130,7 +144,8 @@ def base_config() -> ml_collections.ConfigDict:
             "num_aspp_branches": 2,
             "multi_level": True,
             # batch_stats: batch statistics in training, affine frozen (AdaptSegNet, ADVENT);
-            # frozen: running statistics, affine frozen; train: batch statistics, affine trained.
+            # frozen: running statistics, affine frozen; train: batch statistics, affine trained;
+            # frozen_stats: running statistics, affine trained (DA-SAC's SAC stage).
             "bn_mode": "batch_stats",
         }
     )
@@ -144,6 +159,10 @@ def base_config() -> ml_collections.ConfigDict:
             # Per parameter group that the model declares (DeepLabV2: backbone, head).
             "lr_multipliers": {"backbone": 1.0, "head": 10.0},
             "weight_decay_multipliers": {},  # Group -> multiplier; 1 when absent.
+            # Parameters named 'bias' (conv biases, BN offsets): an extra lr factor, and
+            # whether weight decay applies to them (DA-SAC: 2.0, False).
+            "bias_lr_multiplier": 1.0,
+            "bias_weight_decay": True,
             "momentum": 0.9,
             "weight_decay": 5e-4,
             "poly_power": 0.9,

@@ -12,10 +12,10 @@ A training stream with `views` yields several independently augmented views of e
 (e.g. ProDA's weak and strong views), each with the `box` and `flip` that place it in the
 example's frame (see `jaxda.data.geometry`). A stream with `strong` also gets ProDA's
 RandAugment view of one of them, with the geometry that moves maps onto it
-(`jaxda.data.randaugment`, `geometry.to_strong`).
+(`jaxda.data.randaugment`, `geometry.to_strong`). One with `group` yields DA-SAC's groups of
+views of each augmented example (`jaxda.data.view_groups`).
 """
 
-import struct
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from jaxda.data import augment, randaugment, sources
+from jaxda.data import augment, importance, randaugment, sources, view_groups
 from jaxda.data import labels as labels_lib
 
 
@@ -61,15 +61,16 @@ def _label_table(label_map: str) -> np.ndarray | None:
     return labels_lib.lookup_table(tables[label_map])
 
 
-def make_normalizer(data_config: ml_collections.ConfigDict):
+def make_normalizer(data_config: ml_collections.ConfigDict, stream_config=None):
     """A function: RGB [H, W, 3] (uint8, or float in 0..255) -> float32, optionally BGR,
-    (x - mean) / std, as config.data says.
+    (x - mean) / std, as config.data says; a stream's own image_mean / image_std replace it.
 
     XLA-compiled: the element-wise chain then runs as one fused pass, ~20x faster on CPU than
     TensorFlow's op-by-op execution (the channel reversal alone costs ~15 ms per 1280x720 frame).
     """
-    mean = tf.constant(data_config.image_mean, tf.float32)
-    std = tf.constant(data_config.image_std, tf.float32)
+    own = {} if stream_config is None else stream_config
+    mean = tf.constant(own.get("image_mean") or data_config.image_mean, tf.float32)
+    std = tf.constant(own.get("image_std") or data_config.image_std, tf.float32)
     bgr = bool(data_config.bgr)
 
     @tf.function(jit_compile=True)
@@ -216,7 +217,8 @@ def _decode_fn(
     3] (normalised), 'label' [h, w], 'flip' [], 'matrix' [6], 'frames' [num_ops, 6], 'cutout'
     [4]}, ProDA's RandAugment view of the weak view `strong.of` (of the stream's one view
     without views), made from its image and label before normalisation (see
-    `randaugment.Strong`). Its image is zero where the weak view showed padding.
+    `randaugment.Strong`). Its image is zero where the weak view showed padding. With
+    `domain_config.group` (training): {'group': `view_groups.make_group`} of the one view.
     """
     table = _label_table(domain_config.label_map)
     table = None if table is None else tf.constant(table)
@@ -224,8 +226,9 @@ def _decode_fn(
     views = _view_options(domain_config) if seed else None
     options = _augment_options(domain_config) if seed and views is None else None
     strong = _strong_options(domain_config, views) if seed else None
+    group = view_groups.group_options(domain_config) if seed else None
     key = tf.constant(augment.stream_key(seed)) if seed else None
-    normalize = make_normalizer(data_config)
+    normalize = make_normalizer(data_config, domain_config)
 
     def prepare(image, label, random_scale):
         """The image and label [H, W] that enter augmentation: the base frame of the views."""
@@ -296,6 +299,8 @@ def _decode_fn(
             # resizing to `size` first and resampling twice.
             random_scale = bool(options and options["random_scale"])
             out, raw = view(*prepare(image, label, random_scale), base_size, example_key, options)
+            if group is not None:  # DA-SAC's views of this (reference) view.
+                return {"group": view_groups.make_group(*raw, example_key, group, normalize)}
             if strong is not None:
                 out["strong"] = strong_view(*raw, example_key)
             return out
@@ -360,15 +365,20 @@ def train_iterator(
       start: stream position to start from (samples already consumed).
     """
     local_batch, process_slice = _process_batch_slice(global_batch_size)
+    name = f"data stream {domain_config.name}:{domain_config.split}"
+    tables = importance.load_tables(domain_config.get("importance") or {}, len(reader), name)
 
     def encoded_examples():
-        for position, index in sample_indices(
+        samples = sample_indices(
             len(reader),
             seed=seed,
             start=start,
             global_batch_size=global_batch_size,
             process_slice=process_slice,
-        ):
+        )
+        if tables is not None:  # DA-SAC's importance sampling replaces the example index.
+            samples = importance.importance_indices(samples, tables, seed)
+        for position, index in samples:
             yield {**reader[index], "position": position, "index": index}
 
     signature = {
@@ -385,23 +395,12 @@ def train_iterator(
 
     dataset = tf.data.Dataset.from_generator(encoded_examples, output_signature=signature)
     dataset = dataset.map(
-        decode_with_index,
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
+        decode_with_index, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
     )
-    dataset = dataset.batch(local_batch, drop_remainder=True).prefetch(2)
-    return dataset.as_numpy_iterator()
-
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _png_size(png: bytes) -> tuple[int, int]:
-    """(height, width) of a PNG, read from its IHDR chunk (bytes 16-24) without decoding."""
-    if png[:8] != _PNG_SIGNATURE or png[12:16] != b"IHDR":
-        raise ValueError("Expected PNG bytes (evaluation reads image sizes from PNG headers)")
-    width, height = struct.unpack(">II", png[16:24])
-    return height, width
+    dataset = dataset.batch(local_batch, drop_remainder=True)
+    if domain_config.get("group"):
+        dataset = dataset.map(view_groups.flatten_batch)
+    return dataset.prefetch(2).as_numpy_iterator()
 
 
 def eval_iterator(
@@ -435,7 +434,9 @@ def eval_iterator(
         if fixed_shapes:
             return fixed_shapes
         read[index] = example = reader[index]
-        return size or _png_size(example["image"]), label_size or _png_size(example["label"])
+        return size or sources.png_size(example["image"]), label_size or sources.png_size(
+            example["label"]
+        )
 
     def global_batches():
         """(example indices, their shapes) of each global batch, in split order."""

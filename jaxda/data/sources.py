@@ -9,6 +9,7 @@ therefore resumable exactly (see `input_pipeline`).
 
 import json
 import os
+import struct
 from collections.abc import Sequence
 
 import jax
@@ -158,3 +159,14 @@ class SplitReader(Sequence):
             index = self._indices[index]
         example = self._source[int(index)]
         return {"image": example[self.image_key], "label": example[self.label_key]}
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    """(height, width) of a PNG, read from its IHDR chunk (bytes 16-24) without decoding."""
+    if png[:8] != _PNG_SIGNATURE or png[12:16] != b"IHDR":
+        raise ValueError("Expected PNG bytes (evaluation reads image sizes from PNG headers)")
+    width, height = struct.unpack(">II", png[16:24])
+    return height, width

@@ -10,6 +10,9 @@ Bundled lists (jaxda/data/splits/, installed as package data):
   = aachen, bremen, darmstadt, erfurt, hanover, krefeld, strasbourg, tubingen, weimar; group 1
   = bochum, cologne, dusseldorf, hamburg, jena, monchengladbach, stuttgart, ulm, zurich.
   train0 1,532, train1 1,246, val0 / val1 90 (10 per city, disjoint from the train lists).
+  cityscapes_dasac_val2: DA-SAC's in-training validation list (its data/val2_cityscapes.txt),
+  500 images of the Cityscapes *train* split, which DA-SAC also adapts on (unlabelled), so a
+  checkpoint selected on it is selected on training images (docs/methods/dasac.md).
 """
 
 import functools
@@ -22,6 +25,7 @@ BUNDLED = {
     "cityscapes_group0_val": "cityscapes_city_groups/val0.txt",
     "cityscapes_group1_train": "cityscapes_city_groups/train1.txt",
     "cityscapes_group1_val": "cityscapes_city_groups/val1.txt",
+    "cityscapes_dasac_val2": "dasac/val2.txt",
 }
 # Raw split prefix of a list entry -> the TFDS split the builders store it in.
 RAW_SPLITS = {"train": "train", "val": "validation"}

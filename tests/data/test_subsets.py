@@ -17,7 +17,7 @@ def _city(entry: str) -> str:
 
 
 def test_bundled_city_groups():
-    lists = {name: subsets.load(name) for name in subsets.BUNDLED}
+    lists = {name: subsets.load(name) for name in subsets.BUNDLED if "group" in name}
     counts = {name: len(ids) for name, ids in lists.items()}
     assert counts == {
         "cityscapes_group0_train": 1532,
@@ -41,6 +41,15 @@ def test_bundled_city_groups():
     assert subsets.image_ids("cityscapes_group0_val", "train")[0] == "aachen_000000_000019"
     with pytest.raises(subsets.SubsetError, match="split 'validation'"):
         subsets.image_ids("cityscapes_group0_val", "validation")
+
+
+def test_bundled_dasac_val2():
+    """DA-SAC's val2: 500 distinct images of the Cityscapes train split, from 18 cities."""
+    ids = subsets.load("cityscapes_dasac_val2")
+    assert len(ids) == len(set(ids)) == 500
+    assert all(_ID.fullmatch(i) for i in ids)
+    assert len({_city(i) for i in ids}) == 18
+    assert subsets.image_ids("cityscapes_dasac_val2", "train")[0] == "aachen_000000_000019"
 
 
 @pytest.fixture(scope="module")
