@@ -55,3 +55,19 @@ def tiny_config(method: str = "adaptseg", data_dir: str = "", **overrides):
             target = target[parent]
         target[leaf] = value
     return config
+
+
+def shrink_to_tiny(config, data_dir: str, crop=(32, 64)):
+    """A `:synthetic` config moved onto the tiny dataset (images `crop`) with a very small
+    network: width 4, one device, 4 steps, logging, evaluation and checkpoints every 2."""
+    for stream in ("source", "target", "eval"):
+        config.data[stream].name = TINY_DATASET
+    for stream in (config.data.source, config.data.target):
+        stream.size = stream.crop_size = crop
+    config.data.data_dir = data_dir
+    config.data.eval.batch_size = config.offline.batch_size = 8
+    config.model.width = 4
+    config.num_devices = 1
+    config.total_steps = 4
+    config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+    return config

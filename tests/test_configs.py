@@ -138,3 +138,33 @@ def test_every_method_trains_on_deeplabv3plus(module, arg):
     assert int(state.step) == 1 and all(np.isfinite(v).all() for v in metrics.values())
     if module in (adaptseg, advent):
         assert {"loss_adv_main", "loss_adv_aux"} <= set(metrics)
+
+
+@pytest.mark.parametrize("arg", ["", "synthetic", "source=synthia"])
+def test_dasac_stage_configs(arg, tmp_path):
+    """configs/dasac.py: ABN, the importance-weights pass, SAC; each training stage builds
+    (SAC with the momentum network and its state); `:stage=sac` with a top-level init_from
+    starts SAC from that run instead of the workdir's abn stage."""
+    from configs import dasac
+    from jaxda.train import stages
+
+    config = dasac.get_config(arg)
+    assert config.stage_order == ("abn", "is_weights", "sac")
+    workdir = str(tmp_path)
+    abn = stages.stage_config(config, "abn", workdir)
+    assert abn.method == "dasac_abn" and abn.model.bn_mode == "train"
+    setup = trainer.build(abn, mesh_lib.make_mesh(1))
+    assert set(setup.abstract_state.params["seg"]) == {"backbone", "head_main"}
+    sac = stages.stage_config(config, "sac", workdir)
+    assert sac.model.bn_mode == "frozen_stats" and sac.init.seg == f"{workdir}/abn"
+    assert sac.data.target.importance.weights == f"{workdir}/is_weights"
+    assert sac.data.target.group.size == 4 and sac.data.target.batch_size == 2
+    setup = trainer.build(sac, mesh_lib.make_mesh(1))
+    assert set(setup.abstract_state.teachers) == {"slow"}
+    assert set(setup.abstract_state.extra) == {"class_prior", "teacher_ready"}
+    if arg == "source=synthia":
+        assert sac.data.target.importance.uniform_classes == (9, 14, 16)
+    alone = dasac.get_config(",".join(filter(None, [arg, "stage=sac"])))
+    alone.init_from = "/runs/abn"
+    sac = stages.stage_config(alone, "sac", workdir)
+    assert sac.init_from == "/runs/abn" and "seg" not in sac.init

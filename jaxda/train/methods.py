@@ -1,6 +1,16 @@
 """Registry of training methods (`spec.Method`): name -> step, networks, streams, state."""
 
-from jaxda.train import adversarial, proda, proda_passes, source_only, spec, target_loss, tent
+from jaxda.train import (
+    adversarial,
+    dasac,
+    dasac_passes,
+    proda,
+    proda_passes,
+    source_only,
+    spec,
+    target_loss,
+    tent,
+)
 
 _BOTH = ("source", "target")
 METHODS = {
@@ -15,8 +25,10 @@ METHODS = {
     "maxsquare": spec.Method(target_loss.make_train_step(target_loss.maxsquare_loss), _BOTH),
     "proda_stage1": proda.STAGE1,
     "proda_distillation": proda.DISTILLATION,
+    "dasac_abn": dasac.ABN,
+    "dasac_sac": dasac.SAC,
 }
-del proda_passes  # Imported for its offline passes (registered in `offline.PASSES`).
+del proda_passes, dasac_passes  # Imported for their offline passes (`offline.PASSES`).
 for _name in ("tent", "bn_adapt"):
     METHODS[_name] = spec.Method(
         tent.adapt_step,

@@ -12,7 +12,7 @@ from jaxda.data import input_pipeline
 from jaxda.losses import proda as proda_losses
 from jaxda.train import common, stages, trainer
 from tests.conftest import TINY_DATASET
-from tests.train.test_steps import _run
+from tests.train.test_steps import _run, assert_same_metrics
 
 NUM_CLASSES = 19
 
@@ -70,10 +70,7 @@ def test_one_and_eight_devices_give_the_same_losses(stage, data_dir, tmp_path):
     _, state1, history1 = _run(config, batches, 1)
     _, state8, history8 = _run(config, batches, 8)
     assert jax.device_count() == 8
-    for m1, m8 in zip(history1, history8, strict=True):
-        assert m1.keys() == m8.keys()
-        for key in m1:
-            np.testing.assert_allclose(m8[key], m1[key], rtol=2e-4, atol=1e-6, err_msg=key)
+    assert_same_metrics(history1, history8)
     if stage == "stage1":
         np.testing.assert_allclose(
             state8.extra["prototypes"], state1.extra["prototypes"], rtol=1e-5, atol=1e-7

@@ -9,27 +9,17 @@ import pytest
 
 from configs import proda as proda_config
 from jaxda.train import offline, stages
-from tests.conftest import TINY_DATASET
+from tests.conftest import shrink_to_tiny
 from tests.methods import interrupt
 
 pytestmark = pytest.mark.slow
 
 
 def _config(data_dir):
-    config = proda_config.get_config("synthetic")
-    for stream in ("source", "target", "eval"):
-        config.data[stream].name = TINY_DATASET
-    crop = (32, 64)  # The tiny dataset's images.
-    for stream in (config.data.source, config.data.target):
-        stream.size = stream.crop_size = crop
-    config.data.data_dir = data_dir
-    config.data.eval.batch_size = config.offline.batch_size = 8
-    config.model.width = 4
+    config = shrink_to_tiny(proda_config.get_config("synthetic"), data_dir)
+    crop = config.data.source.crop_size
     config.discriminator.width = 4
     config.batch_size = 8
-    config.num_devices = 1
-    config.total_steps = 4
-    config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
     config.offline.epochs = 2
     for name in ("stage1", "stage2", "stage3"):
         config.stages[name].total_steps = 4
