@@ -4,6 +4,8 @@ r"""Runs methods on the built-in synthetic benchmark over several seeds; prints 
       [--methods=source_only,adaptseg,oracle] [--extra=--config.total_steps=600]
   python benchmarks/synthetic_benchmark.py --workdir=/tmp/jaxda_bench \
       --methods=proda_warmup,proda_stage1,proda_stage2,proda_stage3   # ProDA's stages
+  python benchmarks/synthetic_benchmark.py --workdir=/tmp/jaxda_bench \
+      --methods=dasac_abn,dasac_sac                                    # DA-SAC's stages
 
 Each (method, seed) trains in its own process with `python -m launch.main` into
 `<workdir>/<method>/seed<seed>`; finished runs are reused, so an interrupted benchmark resumes.
@@ -66,23 +68,37 @@ METHODS = {
         ["--config=configs/adaptseg.py:synthetic,model=deeplabv3plus"],
     ),
 }
-# ProDA's pipeline: one run per seed ('proda'), one row per training stage, each with the
-# agreement of the pseudo labels it produced (the offline pass after it) with the target
-# labels: the warm-up's soft labels (argmax), the stage-1 and stage-2 hard labels.
+# Multi-stage pipelines: one run per seed (`<workdir>/<pipeline>/seed<N>`), one row per
+# training stage. ProDA's rows carry the agreement of the pseudo labels each stage produced
+# (the offline pass after it) with the target labels: the warm-up's soft labels (argmax),
+# the stage-1 and stage-2 hard labels; DA-SAC's SAC row the accuracy and coverage of its
+# online pseudo labels, as logged during training.
+PIPELINES = {
+    "proda": "--config=configs/proda.py:synthetic",
+    "dasac": "--config=configs/dasac.py:synthetic",
+}
 PRODA_STAGES = {
     "proda_warmup": ("ProDA warm-up (adversarial)", "warmup", "soft_labels"),
     "proda_stage1": ("ProDA stage 1 (prototypical denoising)", "stage1", "hard_labels1"),
     "proda_stage2": ("ProDA stage 2 (distillation, fresh student)", "stage2", "hard_labels2"),
     "proda_stage3": ("ProDA stage 3 (distillation)", "stage3", ""),
 }
-for _name, (_title, _stage, _) in PRODA_STAGES.items():
-    METHODS[_name] = (_title, ["--config=configs/proda.py:synthetic"])
+DASAC_STAGES = {
+    "dasac_abn": ("DA-SAC ABN baseline (adaptive BN)", "abn", ""),
+    "dasac_sac": ("DA-SAC SAC (momentum network, fused views)", "sac", ""),
+}
+STAGED = {
+    **{m: ("proda", *row) for m, row in PRODA_STAGES.items()},
+    **{m: ("dasac", *row) for m, row in DASAC_STAGES.items()},
+}
+for _name, (_pipeline, _title, _stage, _) in STAGED.items():
+    METHODS[_name] = (_title, [PIPELINES[_pipeline]])
 DEFAULT_METHODS = ",".join(m for m in METHODS if not m.endswith("_v3plus"))
 
 
 def run_one(method: str, seed: int, workdir: str, extra: list[str]) -> dict:
-    stage = PRODA_STAGES.get(method, (None, ""))[1]
-    run_dir = os.path.join(workdir, "proda" if stage else method, f"seed{seed}")
+    pipeline, _, stage, _ = STAGED.get(method, (method, None, "", None))
+    run_dir = os.path.join(workdir, pipeline, f"seed{seed}")
     results_file = os.path.join(run_dir, stage, "results.json")
     if not os.path.exists(results_file):
         flags = METHODS[method][1]
@@ -96,7 +112,7 @@ def run_one(method: str, seed: int, workdir: str, extra: list[str]) -> dict:
         ]  # fmt: skip
         print("running:", " ".join(command), flush=True)
         start = time.time()
-        log_path = os.path.join(workdir, f"{'proda' if stage else method}_seed{seed}.log")
+        log_path = os.path.join(workdir, f"{pipeline}_seed{seed}.log")
         os.makedirs(workdir, exist_ok=True)
         with open(log_path, "w") as log:
             subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
@@ -142,6 +158,22 @@ def main() -> None:
     proda = [m for m in methods if m in PRODA_STAGES]
     if proda:
         print_proda_table(proda, per_method, seeds, args.workdir)
+    dasac = [m for m in methods if m in DASAC_STAGES]
+    if dasac:
+        print_dasac_table(dasac, per_method, seeds, args.workdir)
+
+
+def _print_header(header) -> None:
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+
+
+def _stage_cells(mious, reference, seeds) -> tuple[str, str, str]:
+    """(mean ± std, per seed, paired wins over `reference` or '') of one stage's mIoUs."""
+    std = mious.std(ddof=1) if len(mious) > 1 else 0.0
+    wins = "" if reference is None else f"{int(np.sum(mious > reference))} of {len(seeds)}"
+    per_seed = ", ".join(f"{m:.2f}" for m in mious)
+    return f"{mious.mean():.1f} ± {std:.1f}", per_seed, wins
 
 
 def _pass_summary(workdir: str, seed: int, name: str) -> dict:
@@ -158,16 +190,12 @@ def print_proda_table(methods, per_method, seeds, workdir: str) -> None:
     print("and the share of such pixels (the hard labels the next stage trains on):\n")
     header = ("stage", "mIoU mean ± std", "per seed", "beats its warm-up (paired)",
               "pseudo-label accuracy", "accuracy / coverage at 0.95")  # fmt: skip
-    print("| " + " | ".join(header) + " |")
-    print("|---|---|---|---|---|---|")
+    _print_header(header)
     warmup = per_method.get("proda_warmup")
     for method in methods:
         title, _, produced = PRODA_STAGES[method]
-        mious = per_method[method]
-        std = mious.std(ddof=1) if len(mious) > 1 else 0.0
-        wins = "" if warmup is None or method == "proda_warmup" else (
-            f"{int(np.sum(mious > warmup))} of {len(seeds)}"
-        )  # fmt: skip
+        reference = None if method == "proda_warmup" else warmup
+        cells = _stage_cells(per_method[method], reference, seeds)
         accuracy = confident = ""
         if produced:
             summaries = [_pass_summary(workdir, seed, produced) for seed in seeds]
@@ -177,11 +205,46 @@ def print_proda_table(methods, per_method, seeds, workdir: str) -> None:
                 conf = np.mean([100 * s["confident_accuracy"] for s in summaries])
                 cover = np.mean([100 * s["coverage"] for s in summaries])
                 confident = f"{conf:.1f} / {cover:.1f}"
-        per_seed = ", ".join(f"{m:.2f}" for m in mious)
-        print(
-            f"| {title} | {mious.mean():.1f} ± {std:.1f} | {per_seed} | {wins} | {accuracy} "
-            f"| {confident} |"
-        )
+        print(f"| {title} | {' | '.join(cells)} | {accuracy} | {confident} |")
+
+
+def _logged(run_dir: str, tag: str, last: int) -> float:
+    """Mean of the last `last` logged values of scalar `tag` in a run's TensorBoard events."""
+    import tensorflow as tf
+
+    values = []
+    for name in sorted(os.listdir(run_dir)):
+        if name.startswith("events.out.tfevents"):
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(run_dir, name)):
+                for value in event.summary.value:
+                    if value.tag == tag:
+                        step_value = tf.make_ndarray(value.tensor) if value.HasField(
+                            "tensor") else value.simple_value  # fmt: skip
+                        values.append((event.step, float(step_value)))
+    values.sort()
+    return float(np.mean([v for _, v in values[-last:]])) if values else float("nan")
+
+
+def print_dasac_table(methods, per_method, seeds, workdir: str) -> None:
+    """DA-SAC's stages side by side, SAC paired with the ABN model of its seed, with the
+    accuracy of SAC's pseudo labels against the target training labels and their coverage
+    (share of target pixels above the threshold), averaged over its last 5 logged windows."""
+    print("\nDA-SAC's stages (one pipeline per seed); SAC's online pseudo labels vs the target")
+    print("training labels (accuracy, coverage), mean of the last 5 logged windows:\n")
+    header = ("stage", "mIoU mean ± std", "per seed", "beats its ABN (paired)",
+              "pseudo-label accuracy / coverage")  # fmt: skip
+    _print_header(header)
+    abn = per_method.get("dasac_abn")
+    for method in methods:
+        title, stage, _ = DASAC_STAGES[method]
+        cells = _stage_cells(per_method[method], None if method == "dasac_abn" else abn, seeds)
+        quality = ""
+        if stage == "sac":
+            runs = [os.path.join(workdir, "dasac", f"seed{seed}", stage) for seed in seeds]
+            acc = np.mean([_logged(r, "train/pseudo_label_accuracy", 5) for r in runs])
+            cover = np.mean([_logged(r, "train/pseudo_label_coverage", 5) for r in runs])
+            quality = f"{100 * acc:.1f} / {100 * cover:.1f}"
+        print(f"| {title} | {' | '.join(cells)} | {quality} |")
 
 
 if __name__ == "__main__":

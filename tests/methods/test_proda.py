@@ -12,7 +12,7 @@ from jaxda.data import input_pipeline
 from jaxda.losses import proda as proda_losses
 from jaxda.train import common, stages, trainer
 from tests.conftest import TINY_DATASET
-from tests.train.test_steps import _run, assert_same_metrics
+from tests.train.test_steps import _run, one_and_eight_devices
 
 NUM_CLASSES = 19
 
@@ -67,10 +67,7 @@ def _batches(config, num_steps: int, seed: int = 0):
 def test_one_and_eight_devices_give_the_same_losses(stage, data_dir, tmp_path):
     config = _config(stage, data_dir, tmp_path)
     batches = _batches(config, 2)
-    _, state1, history1 = _run(config, batches, 1)
-    _, state8, history8 = _run(config, batches, 8)
-    assert jax.device_count() == 8
-    assert_same_metrics(history1, history8)
+    _, state1, state8 = one_and_eight_devices(config, batches)
     if stage == "stage1":
         np.testing.assert_allclose(
             state8.extra["prototypes"], state1.extra["prototypes"], rtol=1e-5, atol=1e-7
