@@ -105,13 +105,14 @@ def test_unknown_command_line_key_is_an_error(tmp_path):
 @pytest.mark.parametrize(
     ("module", "arg"),
     [
-        (source_only, ""),
-        (oracle, ""),
         (adaptseg, ""),
         (advent, ""),
-        (minent, ""),
-        (maxsquare, "iw,multi"),
-        (tent, ""),
+        # The rest share the networks and steps above: in the slow run.
+        pytest.param(source_only, "", marks=pytest.mark.slow),
+        pytest.param(oracle, "", marks=pytest.mark.slow),
+        pytest.param(minent, "", marks=pytest.mark.slow),
+        pytest.param(maxsquare, "iw,multi", marks=pytest.mark.slow),
+        pytest.param(tent, "", marks=pytest.mark.slow),
     ],
     ids=lambda x: getattr(x, "__name__", x),
 )

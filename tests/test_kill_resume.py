@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from jaxda import checkpoints
 from jaxda import mesh as mesh_lib
@@ -56,6 +57,7 @@ def _results(workdir):
     return final
 
 
+@pytest.mark.slow  # ~1 min: two training processes; resume is also tested in-process.
 def test_sigkill_then_rerun_matches_uninterrupted(data_dir, tmp_path):
     env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")

@@ -43,10 +43,18 @@ def path_names(path) -> tuple[str, ...]:
 
 
 def network_labels(
-    module, params: Mapping, block: str, *, freeze_bn_affine: bool, freeze=(), train_only=()
+    module,
+    params: Mapping,
+    block: str,
+    *,
+    freeze_bn_affine: bool,
+    freeze=(),
+    train_only=(),
+    split_biases: bool = False,
 ) -> dict:
-    """Labels '<block>/<group>', '<block>/<group>/bias' (parameters named 'bias') or
-    'frozen' for every parameter of one network.
+    """Labels '<block>/<group>' or 'frozen' for every parameter of one network; with
+    `split_biases`, parameters named 'bias' get '<block>/<group>/bias' (their own lr factor
+    and weight decay; without it the optimizer state keeps the one-label-per-group layout).
 
     Args:
       module / params: the network and its params (groups from `module.param_groups`).
@@ -66,7 +74,7 @@ def network_labels(
             or (only and not any(p.fullmatch(joined) for p in only))
         ):
             return FROZEN
-        suffix = f"/{BIAS}" if names[-1] == "bias" else ""
+        suffix = f"/{BIAS}" if split_biases and names[-1] == "bias" else ""
         return f"{block}/{groups[names[0]]}{suffix}"
 
     return jax.tree_util.tree_map_with_path(label, params)
@@ -130,6 +138,8 @@ def make_optimizer(
             freeze_bn_affine=freeze_bn and network.optimizer == "optimizer",
             freeze=tuple(opt.get("freeze", ())),
             train_only=tuple(opt.get("train_only", ())),
+            split_biases=opt.get("bias_lr_multiplier", 1.0) != 1.0
+            or not opt.get("bias_weight_decay", True),
         )
         if network.constant_lr:
             labels[name] = jax.tree.map(

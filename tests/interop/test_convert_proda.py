@@ -289,6 +289,7 @@ def test_converted_proda_file_matches_the_torch_transcription(bn_clr):
     test_proda_model.assert_matches_transcription(model, variables, torch_model, x, bn_clr)
 
 
+@pytest.mark.slow  # Two subprocesses; test_convert.py covers the command line by default.
 def test_command_line_proda_and_simclr(tmp_path):
     torch = _torch()
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

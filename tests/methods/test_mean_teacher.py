@@ -37,6 +37,7 @@ def _state_of(workdir, config):
     return jax.device_get(state)
 
 
+@pytest.mark.slow  # ~1 min; the stage machinery also runs in the ProDA / DA-SAC pipelines.
 def test_mean_teacher_stages_train_and_resume_exactly(data_dir, tmp_path, monkeypatch):
     config = _config(data_dir)
     straight_dir, crashed_dir = str(tmp_path / "straight"), str(tmp_path / "crashed")

@@ -63,7 +63,7 @@ def _batches(config, num_steps: int, seed: int = 0):
     return batches
 
 
-@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+@pytest.mark.parametrize("stage", ["stage1", pytest.param("stage2", marks=pytest.mark.slow)])
 def test_one_and_eight_devices_give_the_same_losses(stage, data_dir, tmp_path):
     config = _config(stage, data_dir, tmp_path)
     batches = _batches(config, 2)

@@ -35,6 +35,12 @@ def test_labels_come_from_the_model_groups():
     assert labels["backbone"]["layer1_0"]["bn1"]["scale"] == "frozen"
     assert labels["head_main"]["branch0"]["kernel"] == "optimizer/head"
     assert labels["head_aux"]["branch0"]["kernel"] == "optimizer/head"
+    assert labels["head_aux"]["branch0"]["bias"] == "optimizer/head"  # One label per group.
+    split = optimizers.network_labels(
+        setup.networks["seg"].module, seg, "optimizer", freeze_bn_affine=True, split_biases=True
+    )
+    assert split["head_aux"]["branch0"]["bias"] == "optimizer/head/bias"
+    assert split["head_aux"]["branch0"]["kernel"] == "optimizer/head"
     trained = optimizers.network_labels(
         setup.networks["seg"].module, seg, "optimizer", freeze_bn_affine=False
     )
