@@ -106,8 +106,8 @@ def test_unknown_command_line_key_is_an_error(tmp_path):
     ("module", "arg"),
     [
         (adaptseg, ""),
-        (advent, ""),
-        # The rest share the networks and steps above: in the slow run.
+        # The rest share the network and steps above: in the slow run.
+        pytest.param(advent, "", marks=pytest.mark.slow),
         pytest.param(source_only, "", marks=pytest.mark.slow),
         pytest.param(oracle, "", marks=pytest.mark.slow),
         pytest.param(minent, "", marks=pytest.mark.slow),
