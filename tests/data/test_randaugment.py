@@ -352,6 +352,7 @@ def _stream(data_dir, strong=None, views=None):
     return next(it)
 
 
+@pytest.mark.slow  # ~10 s; the strong view's pieces are tested one by one above.
 def test_input_pipeline_adds_the_strong_view(data_dir):
     plain = _stream(data_dir)
     batch = _stream(data_dir, strong=dict(ra_defaults()))

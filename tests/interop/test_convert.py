@@ -278,6 +278,7 @@ def test_trainer_init_from_accepts_the_converted_checkpoint(tmp_path):
         trainer._initial_state(config, setup, checkpoints.Checkpointer(out))
 
 
+@pytest.mark.slow  # Subprocesses (~15 s); the converter itself is tested in-process above.
 def test_command_line(tmp_path):
     sd = fakes.multi_level(np.random.default_rng(0), width=8)
     path = str(tmp_path / "advent.pth")

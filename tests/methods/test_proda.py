@@ -77,6 +77,7 @@ def test_one_and_eight_devices_give_the_same_losses(stage, data_dir, tmp_path):
         )
 
 
+@pytest.mark.slow  # ~20 s each: ProDA's step tests run with its pipeline in the slow run.
 def test_stage1_updates_teacher_and_prototypes_as_ema(data_dir, tmp_path):
     """teacher' = 0.999 teacher + 0.001 student' with the student's BN statistics; the
     prototypes move by the EMA of the teacher's class means (computed here again from the
@@ -124,6 +125,7 @@ def test_stage1_updates_teacher_and_prototypes_as_ema(data_dir, tmp_path):
     assert np.any(after.extra["prototype_counts"] > 0)
 
 
+@pytest.mark.slow
 def test_distillation_step_losses_match_the_loss_functions(data_dir, tmp_path):
     """The step's distillation term equals `proda_losses.distillation` of the student's and
     the fixed teacher's strong-view logits at a quarter of the crop; the teacher never

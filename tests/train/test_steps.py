@@ -71,6 +71,7 @@ def test_discriminator_loss_moves_only_discriminators():
     assert history[0]["loss_disc_main"] > 0
 
 
+@pytest.mark.slow  # ~25 s; the discriminator-side counterpart runs by default.
 def test_adversarial_loss_moves_only_segmentation():
     config = tiny_config(**{"optimizer.weight_decay": 0.0, "model.bn_mode": "batch_stats"})
     batches = [_batch(config, ignore_labels=True)]
@@ -106,7 +107,9 @@ def test_frozen_bn_affine_does_not_move_but_statistics_do():
     assert not any(jax.tree.leaves(_changed(before.batch_stats, after.batch_stats)))
 
 
-@pytest.mark.parametrize("method", ["adaptseg", "source_only"])
+@pytest.mark.parametrize(
+    "method", ["adaptseg", pytest.param("source_only", marks=pytest.mark.slow)]
+)
 def test_one_and_eight_devices_give_the_same_losses(method):
     config = tiny_config(method)
     batches = [_batch(config, seed=s) for s in range(3)]
