@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxda.data.labels import IGNORE_LABEL
 from jaxda.losses import adversarial, segmentation
 from jaxda.models.layers import resize_bilinear_align_corners
 from jaxda.train.state import TrainState
@@ -201,3 +202,11 @@ def ema_update(teacher: dict, student: dict, momentum, *, batch_stats: str = "co
             ),
         }[batch_stats]()
     return result
+
+
+def pseudo_label_accuracy(pseudo: jax.Array, labels: jax.Array) -> jax.Array:
+    """Fraction of pixels with both a pseudo label and a true label where they agree (the
+    target labels are only monitored: no loss sees them)."""
+    both = (pseudo != IGNORE_LABEL) & (labels != IGNORE_LABEL)
+    agree = both & (pseudo.astype(jnp.int32) == labels.astype(jnp.int32))
+    return jnp.sum(agree) / jnp.maximum(jnp.sum(both), 1)

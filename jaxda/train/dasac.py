@@ -108,10 +108,8 @@ def pseudo_label_metrics(pseudo, labels, valid) -> dict:
     """Accuracy of the pseudo labels against the target labels where both exist (monitoring
     only: no loss sees target labels) and coverage: the share of valid pixels labelled."""
     labelled = pseudo != IGNORE_LABEL
-    both = labelled & (labels != IGNORE_LABEL)
-    agree = both & (pseudo == labels.astype(jnp.int32))
     return {
-        "pseudo_label_accuracy": jnp.sum(agree) / jnp.maximum(jnp.sum(both), 1),
+        "pseudo_label_accuracy": common.pseudo_label_accuracy(pseudo, labels),
         "pseudo_label_coverage": jnp.sum(labelled & valid) / jnp.maximum(jnp.sum(valid), 1),
     }
 

@@ -101,14 +101,6 @@ def _nearest(labels: jax.Array, size) -> jax.Array:
     return jax.image.resize(labels, labels.shape[:1] + tuple(size), "nearest")
 
 
-def _accuracy(pseudo: jax.Array, labels: jax.Array) -> jax.Array:
-    """Fraction of pixels with both a pseudo label and a true label where they agree (the
-    target labels are only monitored: no loss sees them)."""
-    both = (pseudo != IGNORE_LABEL) & (labels != IGNORE_LABEL)
-    agree = both & (pseudo.astype(jnp.int32) == labels.astype(jnp.int32))
-    return jnp.sum(agree) / jnp.maximum(jnp.sum(both), 1)
-
-
 def _strong(maps: jax.Array, strong: dict, fill, method: str) -> tuple[jax.Array, jax.Array]:
     """(maps of the weak view moved into the strong view, valid [N, h, w])."""
     return geometry.to_strong(
@@ -235,9 +227,9 @@ def stage1_step(state, batch, *, networks, tx, config):
         extra={"prototypes": prototypes, "prototype_counts": counts},
     )
     labels = _nearest(weak["label"], grid)
-    metrics["pseudo_label_accuracy"] = _accuracy(pseudo, labels)
+    metrics["pseudo_label_accuracy"] = common.pseudo_label_accuracy(pseudo, labels)
     unrectified = jnp.where(valid, jnp.argmax(soft, axis=-1), IGNORE_LABEL)
-    metrics["pseudo_label_accuracy_unrectified"] = _accuracy(unrectified, labels)
+    metrics["pseudo_label_accuracy_unrectified"] = common.pseudo_label_accuracy(unrectified, labels)
     return state, {"loss": loss, **metrics}
 
 
@@ -278,7 +270,7 @@ def distillation_step(state, batch, *, networks, tx, config):
     )
     state = common.apply_gradients(state, {"seg": grads}, batch_stats, tx)
     labels = _strong(_nearest(weak["label"], grid), strong, IGNORE_LABEL, "nearest")[0]
-    metrics["pseudo_label_accuracy"] = _accuracy(hard, labels)
+    metrics["pseudo_label_accuracy"] = common.pseudo_label_accuracy(hard, labels)
     metrics["pseudo_label_coverage"] = jnp.mean(hard != IGNORE_LABEL)
     return state, {"loss": loss, **metrics}
 
