@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxda.data.labels import IGNORE_LABEL
 
@@ -26,3 +27,17 @@ def cross_entropy(
     nll = -jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
     count = jnp.sum(valid)
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1)
+
+
+def nearest_labels(labels: jax.Array, size) -> jax.Array:
+    """Labels [N, H, W] resized to `size` (h, w) as PyTorch's F.interpolate(mode='nearest'):
+    output pixel i reads input floor(i x in / out) (float32 scale), clamped; not the
+    half-pixel rule of jax.image.resize. RobustNet's auxiliary labels."""
+    rows = [_nearest_index(n, m) for n, m in zip(labels.shape[1:3], size, strict=True)]
+    return labels[:, rows[0]][:, :, rows[1]]
+
+
+def _nearest_index(in_size: int, out_size: int) -> np.ndarray:
+    scale = np.float32(in_size) / np.float32(out_size)
+    index = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(index, in_size - 1)

@@ -161,8 +161,9 @@ class DeepLabV3Plus(nn.Module):
 
     Attributes:
       num_classes: output classes.
-      stage_sizes / width / output_stride / deep_stem / multi_grid: the backbone
-        (`resnet_torchvision.ResNet`).
+      stage_sizes / width / output_stride / deep_stem / multi_grid / instance_norm /
+        instance_norm_at: the backbone (`resnet_torchvision.ResNet`); the whitened maps of
+        instance_norm='plain' are sown as intermediates 'whitened/<slot>'.
       variant: 'robustnet' or 'jfzhang95'.
       aspp_rates: the 3x3 branches' rates; () = (6, 12, 18) x 16 / output_stride.
       head_width / low_level_width / aux_width: 256, 48 and 512 in the references.
@@ -184,6 +185,8 @@ class DeepLabV3Plus(nn.Module):
     output_stride: int = 16
     deep_stem: bool = False
     multi_grid: Sequence[int] = ()
+    instance_norm: str = ""
+    instance_norm_at: Sequence[str] = ("stem", "layer1", "layer2")
     variant: str = "robustnet"
     aspp_rates: Sequence[int] = ()
     head_width: int = 256
@@ -218,6 +221,8 @@ class DeepLabV3Plus(nn.Module):
             output_stride=self.output_stride,
             deep_stem=self.deep_stem,
             multi_grid=self.multi_grid,
+            instance_norm=self.instance_norm,
+            instance_norm_at=self.instance_norm_at,
             use_running_average=ura,
             name="backbone",
         )(images, bn_mask)
@@ -248,6 +253,10 @@ class DeepLabV3Plus(nn.Module):
             output_stride=model_config.output_stride,
             deep_stem=model_config.deep_stem,
             multi_grid=tuple(model_config.multi_grid),
+            instance_norm=model_config.get("instance_norm", ""),
+            instance_norm_at=tuple(
+                model_config.get("instance_norm_at", ("stem", "layer1", "layer2"))
+            ),
             variant=model_config.variant,
             aspp_rates=tuple(model_config.aspp_rates),
             head_width=model_config.head_width,

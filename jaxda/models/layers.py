@@ -88,6 +88,30 @@ def batch_norm(
     )
 
 
+INSTANCE_NORMS = ("", "plain", "affine")
+
+
+class InstanceNorm(nn.Module):
+    """PyTorch's InstanceNorm2d (eps 1e-5, biased variance over each image's H x W, no running
+    statistics): [N, H, W, C] -> [N, H, W, C], optionally with a learned per-channel scale
+    (init 1) and offset (init 0), as RobustNet's IBN-Net layers."""
+
+    affine: bool = False
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+        # Two passes, as PyTorch: E[x^2] - E[x]^2 cancels badly for large means.
+        var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+        if self.affine:
+            features = x.shape[-1]
+            y = y * self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+            y = y + self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        return y
+
+
 # config.model.bn_mode -> (BN normalises with batch statistics in training, affine trained).
 BN_MODES = {
     "batch_stats": (True, False),  # AdaptSegNet, ADVENT: model.train() with requires_grad off.

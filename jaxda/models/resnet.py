@@ -56,9 +56,18 @@ class Bottleneck(nn.Module):
     stride_in_3x3: bool = False
     kernel_init: Callable = layers.deeplab_kernel_init
     fast_variance: bool = True
+    # RobustNet's instance normalisation after the residual sum, before the final ReLU:
+    # '' (none), 'plain' (no affine; the normalised map is also returned, for the whitening
+    # losses) or 'affine' (IBN-Net style, learned scale and offset).
+    instance_norm: str = ""
 
     @nn.compact
-    def __call__(self, x: jax.Array, bn_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, bn_mask: jax.Array | None = None
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """[N, H, W, C] -> [N, h, w, 4 x planes]; with instance_norm='plain' also the
+        instance-normalised map before the ReLU ([N, h, w, 4 x planes])."""
+
         def bn(name):
             norm = layers.batch_norm(
                 name,
@@ -77,7 +86,11 @@ class Bottleneck(nn.Module):
         if self.project:
             residual = conv(self.planes * 4, 1, stride=self.stride, name="downsample")(x)
             residual = bn("bn_downsample")(residual)
-        return nn.relu(y + residual)
+        y = y + residual
+        if not self.instance_norm:
+            return nn.relu(y)
+        y = layers.InstanceNorm(affine=self.instance_norm == "affine", name="instance_norm")(y)
+        return (nn.relu(y), y) if self.instance_norm == "plain" else nn.relu(y)
 
 
 class ResNet(nn.Module):

@@ -24,6 +24,13 @@ LAYER_PLANS = {
     16: ((1, 1), (2, 1), (2, 1), (1, 2)),
     8: ((1, 1), (2, 1), (1, 2), (1, 4)),
 }
+# Where RobustNet may put instance normalisation (its `wt_layer` positions 2..6): the stem's
+# last BN is replaced; in a layer, the last block gets one after its residual sum (never block
+# 0, so a one-block layer gets none). Its positions 0 and 1 (the deep stem's first two BNs,
+# used by its R101 GTA5 scripts) are not supported.
+INSTANCE_NORM_SLOTS = ("stem", "layer1", "layer2", "layer3", "layer4")
+# Prefix of the features dict's entries holding the instance-normalised (whitened) maps.
+WHITENED_PREFIX = "whitened/"
 # torchvision's and jfzhang95's from-scratch init: kaiming_normal_(mode='fan_out', 'relu').
 kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -72,6 +79,11 @@ class ResNet(nn.Module):
       deep_stem: RobustNet's `ResNet3X3` stem (3x3 convs width, width, 2 x width; the first
         with stride 2) instead of the 7x7 stride-2 conv.
       multi_grid: layer4's per-block dilation multipliers, e.g. (1, 2, 4); () = all 1.
+      instance_norm: RobustNet's normalisation family: '' (none: its 'base'), 'plain'
+        (InstanceNorm without affine, the maps returned for the whitening losses: IW, IRW,
+        ISW) or 'affine' (IBN-Net style, with a learned affine).
+      instance_norm_at: the slots of INSTANCE_NORM_SLOTS that get it (RobustNet's R50
+        scripts: stem, layer1, layer2).
       use_running_average: BN normalises with running statistics (True) or batch statistics.
     """
 
@@ -80,36 +92,59 @@ class ResNet(nn.Module):
     output_stride: int = 16
     deep_stem: bool = False
     multi_grid: Sequence[int] = ()
+    instance_norm: str = ""
+    instance_norm_at: Sequence[str] = ("stem", "layer1", "layer2")
     use_running_average: bool = True
+
+    def _instance_norm_at(self, slot: str) -> str:
+        return self.instance_norm if slot in self.instance_norm_at else ""
 
     @nn.compact
     def __call__(self, x: jax.Array, bn_mask: jax.Array | None = None) -> dict[str, jax.Array]:
-        """[N, H, W, 3] -> {'layer1'..'layer4': [N, h, w, channels]} (layer1 at stride 4).
+        """[N, H, W, 3] -> {'layer1'..'layer4': [N, h, w, channels]} (layer1 at stride 4),
+        and with instance_norm='plain' {'whitened/<slot>': [N, h, w, channels]} too.
 
         bn_mask: optional [N] bool: batch statistics are taken over these images only.
         """
+        if self.instance_norm not in layers.INSTANCE_NORMS:
+            raise ValueError(
+                f"instance_norm={self.instance_norm!r} must be one of {layers.INSTANCE_NORMS}"
+            )
+        unknown = sorted(set(self.instance_norm_at) - set(INSTANCE_NORM_SLOTS))
+        if unknown:
+            raise ValueError(f"instance_norm_at: unknown {unknown}; use {INSTANCE_NORM_SLOTS}")
         if bn_mask is not None:
             bn_mask = bn_mask[:, None, None, None]
+        features = {}
 
-        def conv_bn_relu(y, features, kernel, stride, index):
-            y = _conv(features, kernel, stride=stride, name=f"conv{index}")(y)
+        def conv_bn_relu(y, features_out, kernel, stride, index, last=False):
+            y = _conv(features_out, kernel, stride=stride, name=f"conv{index}")(y)
+            kind = self._instance_norm_at("stem") if last else ""
+            if kind:  # RobustNet replaces the stem's (last) BN.
+                y = layers.InstanceNorm(affine=kind == "affine", name=f"instance_norm{index}")(y)
+                if kind == "plain":
+                    features[WHITENED_PREFIX + "stem"] = y
+                return nn.relu(y)
             norm = batch_norm(f"bn{index}", use_running_average=self.use_running_average)
             return nn.relu(norm(y, mask=bn_mask))
 
         if self.deep_stem:
             x = conv_bn_relu(x, self.width, 3, 2, 1)
             x = conv_bn_relu(x, self.width, 3, 1, 2)
-            x = conv_bn_relu(x, self.width * 2, 3, 1, 3)
+            x = conv_bn_relu(x, self.width * 2, 3, 1, 3, last=True)
         else:
-            x = conv_bn_relu(x, self.width, 7, 2, 1)
+            x = conv_bn_relu(x, self.width, 7, 2, 1, last=True)
         # PyTorch pads max-pooling with -inf, as reduce_window's padding does here.
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         dilations = layer_dilations(self.stage_sizes, self.output_stride, self.multi_grid)
-        features = {}
         for layer_index, ((stride, _), block_dilations) in enumerate(
             zip(LAYER_PLANS[self.output_stride], dilations, strict=True), start=1
         ):
+            slot = f"layer{layer_index}"
             for block, dilation in enumerate(block_dilations):
+                # RobustNet's `_make_layer` never gives block 0 one: a one-block layer has none.
+                last = 0 < block == len(block_dilations) - 1
+                kind = self._instance_norm_at(slot) if last else ""
                 x = Bottleneck(
                     planes=self.width * 2 ** (layer_index - 1),
                     stride=stride if block == 0 else 1,
@@ -118,9 +153,12 @@ class ResNet(nn.Module):
                     # block 0 projects, as torchvision's `_make_layer` decides.
                     project=block == 0,
                     use_running_average=self.use_running_average,
+                    instance_norm=kind,
                     name=f"layer{layer_index}_{block}",
                 )(x, bn_mask)
-            features[f"layer{layer_index}"] = x
+                if kind == "plain":
+                    x, features[WHITENED_PREFIX + slot] = x
+            features[slot] = x
         return features
 
 
