@@ -3,6 +3,8 @@
   python -m launch.prepare --dataset=gta5 --manual_dir=/data/gta5
   python -m launch.prepare --dataset=synthia --manual_dir=/data/RAND_CITYSCAPES
   python -m launch.prepare --dataset=cityscapes --manual_dir=/data/cityscapes
+  python -m launch.prepare --dataset=bdd100k --manual_dir=/data/bdd100k/seg
+  python -m launch.prepare --dataset=mapillary --manual_dir=/data/mapillary
 
 This file is intentionally short: all logic lives in `jaxda.data.prepare`.
 """

@@ -116,6 +116,86 @@ SYNTHIA_16_CLASSES = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
 SYNTHIA_13_CLASSES = (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
 
 
+# Mapillary Vistas v1.2 classes in label-id order (the 66 entries of the dataset's config.json:
+# name, readable name), each with the Cityscapes train id RobustNet maps it to
+# (datasets/mapillary.py, gen_id_to_ignore) or None: ignored. RobustNet maps only these 23 ids,
+# so e.g. crosswalks, bike lanes, guard rails, street lights and the backs of traffic signs are
+# ignored rather than merged into road, fence, pole or traffic sign.
+MAPILLARY_CLASSES = (
+    ("animal--bird", "Bird", None),  # 0
+    ("animal--ground-animal", "Ground Animal", None),  # 1
+    ("construction--barrier--curb", "Curb", 1),  # 2
+    ("construction--barrier--fence", "Fence", 4),  # 3
+    ("construction--barrier--guard-rail", "Guard Rail", None),  # 4
+    ("construction--barrier--other-barrier", "Barrier", None),  # 5
+    ("construction--barrier--wall", "Wall", 3),  # 6
+    ("construction--flat--bike-lane", "Bike Lane", None),  # 7
+    ("construction--flat--crosswalk-plain", "Crosswalk - Plain", None),  # 8
+    ("construction--flat--curb-cut", "Curb Cut", None),  # 9
+    ("construction--flat--parking", "Parking", None),  # 10
+    ("construction--flat--pedestrian-area", "Pedestrian Area", None),  # 11
+    ("construction--flat--rail-track", "Rail Track", None),  # 12
+    ("construction--flat--road", "Road", 0),  # 13
+    ("construction--flat--service-lane", "Service Lane", None),  # 14
+    ("construction--flat--sidewalk", "Sidewalk", 1),  # 15
+    ("construction--structure--bridge", "Bridge", None),  # 16
+    ("construction--structure--building", "Building", 2),  # 17
+    ("construction--structure--tunnel", "Tunnel", None),  # 18
+    ("human--person", "Person", 11),  # 19
+    ("human--rider--bicyclist", "Bicyclist", 12),  # 20
+    ("human--rider--motorcyclist", "Motorcyclist", 12),  # 21
+    ("human--rider--other-rider", "Other Rider", 12),  # 22
+    ("marking--crosswalk-zebra", "Lane Marking - Crosswalk", None),  # 23
+    ("marking--general", "Lane Marking - General", 0),  # 24
+    ("nature--mountain", "Mountain", None),  # 25
+    ("nature--sand", "Sand", None),  # 26
+    ("nature--sky", "Sky", 10),  # 27
+    ("nature--snow", "Snow", None),  # 28
+    ("nature--terrain", "Terrain", 9),  # 29
+    ("nature--vegetation", "Vegetation", 8),  # 30
+    ("nature--water", "Water", None),  # 31
+    ("object--banner", "Banner", None),  # 32
+    ("object--bench", "Bench", None),  # 33
+    ("object--bike-rack", "Bike Rack", None),  # 34
+    ("object--billboard", "Billboard", None),  # 35
+    ("object--catch-basin", "Catch Basin", None),  # 36
+    ("object--cctv-camera", "CCTV Camera", None),  # 37
+    ("object--fire-hydrant", "Fire Hydrant", None),  # 38
+    ("object--junction-box", "Junction Box", None),  # 39
+    ("object--mailbox", "Mailbox", None),  # 40
+    ("object--manhole", "Manhole", 0),  # 41
+    ("object--phone-booth", "Phone Booth", None),  # 42
+    ("object--pothole", "Pothole", None),  # 43
+    ("object--street-light", "Street Light", None),  # 44
+    ("object--support--pole", "Pole", 5),  # 45
+    ("object--support--traffic-sign-frame", "Traffic Sign Frame", None),  # 46
+    ("object--support--utility-pole", "Utility Pole", 5),  # 47
+    ("object--traffic-light", "Traffic Light", 6),  # 48
+    ("object--traffic-sign--back", "Traffic Sign (Back)", None),  # 49
+    ("object--traffic-sign--front", "Traffic Sign (Front)", 7),  # 50
+    ("object--trash-can", "Trash Can", None),  # 51
+    ("object--vehicle--bicycle", "Bicycle", 18),  # 52
+    ("object--vehicle--boat", "Boat", None),  # 53
+    ("object--vehicle--bus", "Bus", 15),  # 54
+    ("object--vehicle--car", "Car", 13),  # 55
+    ("object--vehicle--caravan", "Caravan", None),  # 56
+    ("object--vehicle--motorcycle", "Motorcycle", 17),  # 57
+    ("object--vehicle--on-rails", "On Rails", 16),  # 58
+    ("object--vehicle--other-vehicle", "Other Vehicle", None),  # 59
+    ("object--vehicle--trailer", "Trailer", None),  # 60
+    ("object--vehicle--truck", "Truck", 14),  # 61
+    ("object--vehicle--wheeled-slow", "Wheeled Slow", None),  # 62
+    ("void--car-mount", "Car Mount", None),  # 63
+    ("void--ego-vehicle", "Ego Vehicle", None),  # 64
+    ("void--unlabeled", "Unlabeled", None),  # 65
+)
+MAPILLARY_TO_TRAIN_ID = {
+    label_id: train_id
+    for label_id, (_, _, train_id) in enumerate(MAPILLARY_CLASSES)
+    if train_id is not None
+}
+
+
 def class_id(name: str) -> int:
     """Returns the Cityscapes train id of a class name, e.g. 'car' -> 13."""
     try:

@@ -1,9 +1,9 @@
 """Builds a downloaded dataset into TFDS (ArrayRecord) and summarises it (`launch.prepare`).
 
-`prepare('gta5' | 'synthia' | 'cityscapes', manual_dir)` runs the dataset's builder on the
-files the user downloaded, reads the result back and returns a summary, also stored as
-`jaxda_prepare_summary.json` in the dataset's version folder (so that a later call on a
-prepared dataset reports it without rebuilding):
+`prepare(dataset, manual_dir)` ('gta5', 'synthia', 'cityscapes', 'bdd100k' or 'mapillary') runs
+the dataset's builder on the files the user downloaded, reads the result back and returns a
+summary, also stored as `jaxda_prepare_summary.json` in the dataset's version folder (so that a
+later call on a prepared dataset reports it without rebuilding):
 
   {"dataset": "gta5", "tfds_name": "gta5", "version": "1.0.0", "dataset_dir": ...,
    "manual_dir": ..., "strict": false, "already_prepared": false, "verified": "...",

@@ -19,8 +19,10 @@ from jax.experimental import multihost_utils
 
 from jaxda.data import subsets
 from jaxda.data.builders import (  # noqa: F401  (importing registers the builders)
+    bdd100k,
     cityscapes,
     gta5,
+    mapillary,
     synthetic_shift,
     synthia,
 )
@@ -31,7 +33,13 @@ BUILT_IN = ("synthetic_shift",)
 # Datasets built from downloaded files by `python -m launch.prepare`: TFDS name -> builder.
 DOWNLOADED = {
     builder.name: builder
-    for builder in (gta5.Gta5, synthia.SynthiaRandCityscapes, cityscapes.CityscapesFine)
+    for builder in (
+        gta5.Gta5,
+        synthia.SynthiaRandCityscapes,
+        cityscapes.CityscapesFine,
+        bdd100k.Bdd100k,
+        mapillary.Mapillary,
+    )
 }
 # The TFDS catalog's own `cityscapes` stores raw label ids; jaxda's `cityscapes_fine` replaces it.
 _REPLACED = {"cityscapes": cityscapes.CityscapesFine}

@@ -277,6 +277,7 @@ class ManualSegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registrati
     VERSION = tfds.core.Version("1.0.0")
     PREPARE_NAME = ""  # launch.prepare --dataset=...
     TITLE = ""  # Human name used in messages.
+    IMAGES_NOTE = "images are the original PNG files."  # How images are stored (description).
     HOMEPAGE = ""
     DOWNLOAD = ""  # Where and what to download, for messages.
     EXPECTED = ""  # What --manual_dir must hold, for messages.
@@ -310,7 +311,7 @@ class ManualSegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registrati
         return tfds.core.DatasetInfo(
             builder=self,
             description=f"{self.TITLE}, labels mapped to the 19 Cityscapes train ids (255 = "
-            "ignore); images are the original PNG files.",
+            f"ignore); {self.IMAGES_NOTE}",
             features=tfds.features.FeaturesDict(
                 {
                     "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
