@@ -7,7 +7,7 @@ selected with the config argument, e.g. `--config=configs/adaptseg.py:synthetic`
 import ml_collections
 from ml_collections import config_dict
 
-from jaxda.data import labels, synthetic
+from jaxda.data import eval_decoding, labels, synthetic
 
 # Input normalisations: image = (pixel in 0..255, BGR if `bgr`) - mean) / std.
 NORMALIZATIONS = {
@@ -102,6 +102,14 @@ def domain(
             # An offline pass directory (e.g. 'stage:pseudo_labels'): its outputs are joined
             # to this stream's examples by example index, as example[output].
             "artifacts": "",
+            # RobustNet's class-uniform sampling (jaxda/data/class_uniform.py): {} = off; else
+            # fraction (0.5): each epoch of N items holds int(N * fraction / 19) items per class
+            # (an image whose crop covers a random centroid of the class; classes without
+            # centroids are skipped), the rest are random images; tile (1024): a class's
+            # centroids are its centres of mass in the whole tile x tile tiles of the original
+            # labels. Missing keys take these defaults. Needs crop_size; excludes importance.
+            # The centroids are computed once and cached beside the prepared dataset.
+            "class_uniform": {},
         }
     )
 
@@ -225,6 +233,13 @@ def base_config() -> ml_collections.ConfigDict:
             "num_visuals": 4,
             # --mode=predict: weight of the colour map in <name>_overlay.png.
             "overlay_alpha": 0.5,
+            # --mode=eval, after data.eval: more evaluation datasets, {name: `dg_eval_dataset`}
+            # (a stream with its own protocol: label_size, batch_size, classes, class_subsets,
+            # transform), e.g. RobustNet's domain-generalisation list (`use_dg_evaluation`).
+            # One table, workdir/eval/datasets_step_NNNNNNN.json; unprepared ones are skipped.
+            "datasets": {},
+            # Table rows: these names first, in this order, then the other datasets sorted.
+            "datasets_order": (),
         }
     )
     return c
@@ -280,6 +295,12 @@ def use_deeplabv3plus(c: ml_collections.ConfigDict, synthetic: bool = False) -> 
             "output_stride": 16,  # Or 8.
             "deep_stem": False,  # RobustNet's ResNet3X3 stem (its ResNet-101).
             "multi_grid": (),  # Layer4 dilation multipliers, e.g. (1, 2, 4) (jfzhang95).
+            # RobustNet's normalisation family: '' (none), 'plain' (InstanceNorm without
+            # affine, its maps kept for the whitening losses IW/IRW/ISW) or 'affine' (IBN-Net),
+            # at these slots: 'stem' replaces the stem's BN; 'layerK' follows the residual sum
+            # of layer K's last block, before its ReLU.
+            "instance_norm": "",
+            "instance_norm_at": ("stem", "layer1", "layer2"),
             "variant": "robustnet",  # Or 'jfzhang95' (concatenation orders, dropout, no aux).
             "aspp_rates": (),  # () = (6, 12, 18) at output stride 16, (12, 24, 36) at 8.
             "head_width": 256,
@@ -392,3 +413,79 @@ def use_synthetic(c: ml_collections.ConfigDict) -> None:
     # The benchmark's mIoU averages over the classes the generator draws, as SYNTHIA's
     # mIoU-16 averages over its 16 classes; the model still predicts all 19.
     c.eval.classes = synthetic.SCENE_CLASSES
+
+
+def dg_eval_dataset(
+    name: str,
+    split: str,
+    size=None,
+    label_size=None,
+    classes=(),
+    class_subsets=None,
+    transform: str = "",
+    batch_size: int = 1,
+    subset: str = "",
+) -> ml_collections.ConfigDict:
+    """One entry of config.eval.datasets: an evaluation stream (`domain`) and its protocol.
+
+    Args:
+      size: (height, width) of the network input; None = each image's native resolution.
+      label_size: (height, width) labels are resized to (nearest); None = their original size.
+      classes: train ids averaged into the dataset's mIoU; () = all num_classes.
+      class_subsets: extra named mIoUs, {name: train ids} (e.g. SYNTHIA's '16' and '13').
+      transform: evaluation transform of the decoded image and label, applied instead of
+        resizing (jaxda/data/eval_decoding.py): '' (none) or 'mapillary' (RobustNet's Mapillary
+        validation: resized to height 1536, then centre crop / pad to 1536x1536). `size` and
+        `label_size` default to its output size, which they must equal.
+      batch_size: global evaluation batch (a multiple of the device count).
+      subset: a bundled id list of the split's examples (`domain`), e.g. RobustNet's val lists.
+    """
+    if transform and size is None and label_size is None:
+        size = label_size = eval_decoding.output_size(transform)
+    entry = domain(name, split, size, subset=subset)
+    entry.label_size = config_dict.placeholder(tuple) if label_size is None else tuple(label_size)
+    entry.batch_size = batch_size
+    entry.transform = transform
+    entry.classes = tuple(classes)
+    entry.class_subsets = {k: tuple(v) for k, v in (class_subsets or {}).items()}
+    return entry
+
+
+DG_SOURCES = ("gta5", "synthia", "cityscapes")
+
+
+def dg_eval_datasets(source: str) -> dict[str, ml_collections.ConfigDict]:
+    """RobustNet's domain-generalisation list for a network trained on `source` (one of
+    DG_SOURCES), in table order: the unseen datasets, then the source's own validation split.
+
+    Every dataset at its native resolution with original labels (Mapillary: its 1536x1536
+    crop), 19 classes (RobustNet's confusion over all 19); SYNTHIA also reports its 16- and
+    13-class mIoUs. GTA5 and SYNTHIA, prepared as one 'train' split each, are scored on
+    RobustNet's validation lists of it (bundled subsets), whether unseen or the source.
+    """
+    if source not in DG_SOURCES:
+        raise ValueError(
+            f"Unknown domain-generalisation source {source!r}; use one of {DG_SOURCES}"
+        )
+    synthia_subsets = {"16": labels.SYNTHIA_16_CLASSES, "13": labels.SYNTHIA_13_CLASSES}
+    rows = {
+        "cityscapes": dg_eval_dataset("cityscapes_fine", "validation"),
+        "bdd100k": dg_eval_dataset("bdd100k", "validation"),
+        "mapillary": dg_eval_dataset("mapillary", "validation", transform="mapillary"),
+        "synthia": dg_eval_dataset(
+            "synthia_rand_cityscapes",
+            "train",
+            class_subsets=synthia_subsets,
+            subset="synthia_robustnet_val",
+        ),
+        "gta5": dg_eval_dataset("gta5", "train", subset="gta5_robustnet_val"),
+    }
+    rows[source] = rows.pop(source)  # The source's own validation split: the last row.
+    return rows
+
+
+def use_dg_evaluation(c: ml_collections.ConfigDict, source: str) -> None:
+    """Sets config.eval.datasets (and its row order) to `dg_eval_datasets(source)`."""
+    rows = dg_eval_datasets(source)
+    c.eval.datasets = ml_collections.ConfigDict(rows)
+    c.eval.datasets_order = tuple(rows)

@@ -167,7 +167,12 @@ def scale(
 
 
 def crop(
-    image: tf.Tensor, label: tf.Tensor, crop_size: Sequence[int], u_y: tf.Tensor, u_x: tf.Tensor
+    image: tf.Tensor,
+    label: tf.Tensor,
+    crop_size: Sequence[int],
+    u_y: tf.Tensor,
+    u_x: tf.Tensor,
+    centroid: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """Random crop_size window; returns (image, label, padding [2, 2] for `pad`, start [2]).
 
@@ -176,6 +181,13 @@ def crop(
     crop. The crop is returned unpadded so that blur never mixes padding into the image.
     start: int32 (y, x) of the padded window's top-left pixel in the input, negative where
     the window pads.
+
+    centroid: optional int32 [2] (y, x), a pixel of the input (negative: none). Along an axis
+    longer than the crop the start is then RobustNet's (its RandomCrop with a centroid):
+    c - crop + floor(u * (crop + 1)), i.e. uniform over the integers [c - crop, c], clamped
+    into [0, excess]. The window [start, start + crop) holds c except after the draw c - crop
+    (probability 1 / (crop + 1) when not clamped), which leaves c just past its far edge, as in
+    RobustNet. A shorter axis is kept whole, so it holds c anyway.
     """
     shape = tf.shape(label)
     offsets, paddings = [], []
@@ -183,7 +195,13 @@ def crop(
         excess = shape[axis] - crop_size[axis]
         room = tf.abs(excess)
         offset = tf.minimum(tf.cast(u * tf.cast(room + 1, tf.float32), tf.int32), room)
-        offsets.append(tf.where(excess > 0, offset, 0))
+        start = offset
+        if centroid is not None:
+            size = crop_size[axis]
+            draw = tf.minimum(tf.cast(u * float(size + 1), tf.int32), size)
+            covering = tf.clip_by_value(centroid[axis] - size + draw, 0, tf.maximum(excess, 0))
+            start = tf.where(centroid[axis] >= 0, covering, offset)
+        offsets.append(tf.where(excess > 0, start, 0))
         before = tf.where(excess < 0, offset, 0)
         paddings.append(tf.stack([before, tf.maximum(-excess, 0) - before]))
     extent = tf.minimum(shape, tf.constant(crop_size, tf.int32))
@@ -191,6 +209,27 @@ def crop(
     label = tf.slice(label, offsets, extent)
     paddings = tf.stack(paddings)
     return image, label, paddings, tf.stack(offsets) - paddings[:, 0]
+
+
+def scale_centroid(
+    centroid: tf.Tensor, base_size: tf.Tensor | Sequence[int], factor, shape: tf.Tensor
+) -> tf.Tensor:
+    """int32 [2] (y, x): a centroid moved into the image about to be cropped.
+
+    centroid: int [4] (y, x, height, width): pixel (y, x) of the base frame measured at
+    height x width (the original label; the base frame may be resized from it); y < 0: none,
+    kept as -1. factor: the random scale factor (1 without random scaling); the base frame is
+    resized to factor x base_size. As RobustNet: int(c * scale), with scale = factor x base /
+    measured size, unrounded, in float64. Clamped into `shape` (the scaled image: its size is
+    rounded here, truncated in RobustNet), which the scaled centroid may otherwise leave by a
+    pixel.
+    """
+    centroid = tf.cast(centroid, tf.float64)
+    base = tf.cast(base_size, tf.float64)
+    scale = tf.cast(factor, tf.float64) * (base / centroid[2:])
+    scaled = tf.cast(tf.floor(centroid[:2] * scale), tf.int32)
+    scaled = tf.clip_by_value(scaled, 0, shape[:2] - 1)
+    return tf.where(centroid[:2] >= 0, scaled, -1)
 
 
 def pad(
@@ -274,21 +313,31 @@ def augment(
     blur_prob: float = 0.0,
     blur_sigma: Sequence[float] = (0.0, 1.0),
     color_jitter_strength: float = 0.0,
+    centroid: tf.Tensor | None = None,
 ) -> Augmented:
     """Scale -> crop -> photometric -> pad -> flip of an image [H, W, 3] and label [H, W].
 
     base_size: (height, width) that `random_scale` factors multiply. valid: [h, w] bool, False
     on padding, when crop_size is set (the caller zeroes the normalised image there).
+    centroid: optional int [4] (y, x, height, width) (`scale_centroid`; y < 0: none): the
+    crop covers the scaled centroid as RobustNet's class-uniform crops (`crop`). None, or no
+    crop_size, leaves every draw as without it.
     """
     u = uniforms(seed)
+    factor = 1.0
     if random_scale:
-        image, label = scale(image, label, _lerp(*random_scale, u[_SCALE]), base_size)
+        factor = _lerp(*random_scale, u[_SCALE])
+        image, label = scale(image, label, factor, base_size)
     padding = None
     box = tf.constant(BASE_BOX)
     if crop_size:
         # Normalised by the scaled size: scaling maps the base frame onto the scaled image.
         scaled_size = tf.cast(tf.shape(label), tf.float32)
-        image, label, padding, start = crop(image, label, crop_size, u[_CROP_Y], u[_CROP_X])
+        if centroid is not None:
+            centroid = scale_centroid(centroid, base_size, factor, tf.shape(label))
+        image, label, padding, start = crop(
+            image, label, crop_size, u[_CROP_Y], u[_CROP_X], centroid
+        )
         start = tf.cast(start, tf.float32)
         end = start + tf.constant(crop_size, tf.float32)
         box = tf.concat([start / scaled_size, end / scaled_size], 0)

@@ -23,7 +23,8 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from jaxda.data import augment, importance, randaugment, sources, view_groups
+from jaxda.data import augment, class_uniform, importance, randaugment, sources, view_groups
+from jaxda.data import eval_decoding as eval_decoding_lib
 from jaxda.data import labels as labels_lib
 
 
@@ -294,11 +295,12 @@ def _decode_fn(
         label = tf.io.decode_png(example["label"], channels=1)
         base_size = tf.shape(label)[:2]
         example_key = None if key is None else augment.example_seed(key, example["position"])
+        opts, view_opts = class_uniform.with_centroid(example, options, views)  # RobustNet's crops.
         if views is None:
             # Random scaling resamples the original once, by a factor of `size`, instead of
             # resizing to `size` first and resampling twice.
             random_scale = bool(options and options["random_scale"])
-            out, raw = view(*prepare(image, label, random_scale), base_size, example_key, options)
+            out, raw = view(*prepare(image, label, random_scale), base_size, example_key, opts)
             if group is not None:  # DA-SAC's views of this (reference) view.
                 return {"group": view_groups.make_group(*raw, example_key, group, normalize)}
             if strong is not None:
@@ -307,7 +309,7 @@ def _decode_fn(
         # All views come from one decoding; each view's base frame is the same scene whether
         # or not it was resized to `size` first (boxes are in normalised coordinates).
         prepared, out, raws = {}, {}, {}
-        for name, view_options in views.items():
+        for name, view_options in view_opts.items():
             random_scale = bool(view_options and view_options["random_scale"])
             if random_scale not in prepared:
                 prepared[random_scale] = prepare(image, label, random_scale)
@@ -317,7 +319,7 @@ def _decode_fn(
             out["strong"] = strong_view(*raws[strong["of"]], example_key)
         return out
 
-    return decode
+    return eval_decoding_lib.with_transform(decode, domain_config, table, normalize, seed)
 
 
 def _process_batch_slice(global_batch_size: int) -> tuple[int, slice]:
@@ -367,10 +369,11 @@ def train_iterator(
     local_batch, process_slice = _process_batch_slice(global_batch_size)
     name = f"data stream {domain_config.name}:{domain_config.split}"
     tables = importance.load_tables(domain_config.get("importance") or {}, len(reader), name)
+    plan = class_uniform.load_plan(reader, domain_config, data_config, seed, _label_table)
 
     def encoded_examples():
         samples = sample_indices(
-            len(reader),
+            len(reader) if plan is None else plan.epoch_length,
             seed=seed,
             start=start,
             global_batch_size=global_batch_size,
@@ -378,14 +381,14 @@ def train_iterator(
         )
         if tables is not None:  # DA-SAC's importance sampling replaces the example index.
             samples = importance.importance_indices(samples, tables, seed)
-        for position, index in samples:
-            yield {**reader[index], "position": position, "index": index}
+        yield from class_uniform.examples(reader, samples, plan)  # With a plan: its items.
 
     signature = {
         "image": tf.TensorSpec((), tf.string),
         "label": tf.TensorSpec((), tf.string),
         "position": tf.TensorSpec((), tf.int64),
         "index": tf.TensorSpec((), tf.int64),
+        **class_uniform.signature(plan),
     }
     decode = _decode_fn(domain_config, data_config, None, seed=tuple(seed))
 

@@ -13,6 +13,10 @@ Bundled lists (jaxda/data/splits/, installed as package data):
   cityscapes_dasac_val2: DA-SAC's in-training validation list (its data/val2_cityscapes.txt),
   500 images of the Cityscapes *train* split, which DA-SAC also adapts on (unlabelled), so a
   checkpoint selected on it is selected on training images (docs/methods/dasac.md).
+  gta5_robustnet_{train,val,test}, synthia_robustnet_{train,val}: RobustNet's own random
+  splits (its split_data/ lists) of GTA5 (12,388 / 6,382 / 6,181 images) and SYNTHIA-RAND-
+  CITYSCAPES (6,580 / 2,820), over the one 'train' split jaxda prepares of each; entries are
+  'train_<image id>' (GTA5 '00022', SYNTHIA '0000003').
 """
 
 import functools
@@ -26,6 +30,8 @@ BUNDLED = {
     "cityscapes_group1_train": "cityscapes_city_groups/train1.txt",
     "cityscapes_group1_val": "cityscapes_city_groups/val1.txt",
     "cityscapes_dasac_val2": "dasac/val2.txt",
+    **{f"gta5_robustnet_{s}": f"robustnet/gta5_{s}.txt" for s in ("train", "val", "test")},
+    **{f"synthia_robustnet_{s}": f"robustnet/synthia_{s}.txt" for s in ("train", "val")},
 }
 # Raw split prefix of a list entry -> the TFDS split the builders store it in.
 RAW_SPLITS = {"train": "train", "val": "validation"}

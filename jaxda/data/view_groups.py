@@ -53,6 +53,8 @@ GROUP_DEFAULTS = {
     "jitter_prob": 0.5,
     "hue": 0.1,
     "greyscale_prob": 0.2,
+    # RobustNet's photometric copies blur after the jitter; DA-SAC blurs first.
+    "blur_after_jitter": False,
 }
 
 # Slots of a view's uniform vector: geometry first, then noise (disjoint, so switching noise
@@ -94,6 +96,7 @@ def group_options(domain_config: ml_collections.ConfigDict) -> dict | None:
         "use (min, max) with 0 < min <= max <= 1 (zoom-out is not supported), e.g. (0.5, 1.0)",
     )
     check("flip", isinstance(options["flip"], bool), "use True (flip each view) or False")
+    check("blur_after_jitter", isinstance(options["blur_after_jitter"], bool), "use a bool")
     check(
         "blur_radius",
         not radius or (len(radius) == 2 and 0 <= radius[0] <= radius[1]),
@@ -107,6 +110,7 @@ def group_options(domain_config: ml_collections.ConfigDict) -> dict | None:
         "zoom": tuple(map(float, zoom)),
         "flip": options["flip"],
         "blur_radius": tuple(map(float, radius)),
+        "blur_after_jitter": options["blur_after_jitter"],
     }
 
 
@@ -208,14 +212,18 @@ def color_jitter(image: tf.Tensor, factors: tf.Tensor, order: tf.Tensor) -> tf.T
 
 
 def noise(image: tf.Tensor, draw: Draws, options: dict) -> tf.Tensor:
-    """The student's photometric noise of a clean view [h, w, 3] in 0..255."""
+    """The student's photometric noise of a clean view [h, w, 3] in 0..255: blur (before or,
+    with `blur_after_jitter`, after the jitter), colour jitter, greyscale."""
     radius = options["blur_radius"]
-    if radius and radius[1] > 0:
+    blur = radius and radius[1] > 0
+    if blur and not options["blur_after_jitter"]:
         image = _clip(augment.gaussian_blur(image, draw.radius, radius[1]))
     if options["jitter_prob"] and (options["jitter"] or options["hue"]):
         image = tf.cond(
             draw.jitter, lambda: color_jitter(image, draw.factors, draw.order), lambda: image
         )
+    if blur and options["blur_after_jitter"]:
+        image = _clip(augment.gaussian_blur(image, draw.radius, radius[1]))
     if options["greyscale_prob"]:
         image = tf.cond(draw.grey, lambda: greyscale(image), lambda: image)
     return image

@@ -51,6 +51,8 @@ class Evaluator:
             "split": eval_config.split,
             "input_size": list(eval_config.size) if eval_config.size else "original",
             "label_size": list(eval_config.label_size) if eval_config.label_size else "original",
+            # An evaluation transform replaces the resizing (e.g. RobustNet's Mapillary crop).
+            **({"transform": eval_config.transform} if eval_config.get("transform") else {}),
             "head": self._head,
             "upsampling": "bilinear, align_corners=True",
             **self._settings.protocol(),

@@ -12,6 +12,8 @@ import numpy as np
 
 from jaxda.data.labels import IGNORE_LABEL
 
+SKIPPED = "skipped"  # Key of a dataset's record that was not evaluated: the reason.
+
 
 def confusion_matrix(
     labels: jax.Array, predictions: jax.Array, num_classes: int, ignore_label: int = IGNORE_LABEL
@@ -95,3 +97,57 @@ def format_table(results: Mapping, title: str = "") -> str:
         if key.startswith("miou_"):
             rows.append(f"  {'mIoU-' + key[5:]:<{width}}{value:6.2f}")
     return "\n".join(rows)
+
+
+def _cell(value, width: int) -> str:
+    """A right-aligned IoU cell: 2 decimals, 'n/a' for None / NaN, '-' when not reported."""
+    if value == "-":
+        return f"{'-':>{width}}"
+    if value is None or np.isnan(value):
+        return f"{'n/a':>{width}}"
+    return f"{value:{width}.2f}"
+
+
+def format_datasets_table(results: Mapping[str, Mapping], title: str = "") -> str:
+    """One plain-text table of several datasets' results, rows in the order of `results`.
+
+    Args:
+      results: {name: `summarize`-style results with 'num_examples'}, or {name: {'skipped':
+        reason}} for a dataset that was not evaluated.
+
+    Returns:
+      Columns mIoU, each named subset ('mIoU-<name>', '-' where a dataset has none) and
+      #images; then a line naming the skipped datasets, followed by each one's reason.
+    """
+    evaluated = {k: v for k, v in results.items() if SKIPPED not in v}
+    skipped = {k: v[SKIPPED] for k, v in results.items() if SKIPPED in v}
+    subsets = list(dict.fromkeys(k for r in evaluated.values() for k in r if k.startswith("miou_")))
+    name_width = max([len("dataset"), *map(len, results)]) + 2
+    headers = ["mIoU", *(f"mIoU-{k[5:]}" for k in subsets), "#images"]
+    widths = [max(8, len(h) + 2) for h in headers]
+    rows = [title] if title else []
+    rows.append(
+        "  " + f"{'dataset':<{name_width}}" + "".join(map("{:>{}}".format, headers, widths))
+    )
+    for name, result in evaluated.items():
+        cells = [_cell(result["miou"], widths[0])]
+        cells += [_cell(result.get(k, "-"), w) for k, w in zip(subsets, widths[1:-1], strict=True)]
+        cells.append(f"{result.get('num_examples', '-'):>{widths[-1]}}")
+        rows.append(f"  {name:<{name_width}}" + "".join(cells))
+    if skipped:
+        rows.append(f"  Skipped, not prepared: {', '.join(skipped)}. To prepare them:")
+        rows += [f"    {name}: {reason}" for name, reason in skipped.items()]
+    return "\n".join(rows)
+
+
+def result_scalars(results: Mapping, prefix: str) -> dict[str, float]:
+    """TensorBoard scalars of one evaluation's results: <prefix>/miou, <prefix>/miou_<subset>,
+    <prefix>/pixel_accuracy and <prefix>/iou/<class> (classes with an IoU)."""
+    out = {f"{prefix}/miou": results["miou"], f"{prefix}/pixel_accuracy": results["pixel_accuracy"]}
+    for key, value in results.items():
+        if key.startswith("miou_"):
+            out[f"{prefix}/{key}"] = value
+    for name, value in results["per_class_iou"].items():
+        if value is not None:
+            out[f"{prefix}/iou/{name}"] = value
+    return out

@@ -8,6 +8,7 @@ import ml_collections
 
 from jaxda import checkpoints, models
 from jaxda import mesh as mesh_lib
+from jaxda.evaluation import datasets as datasets_lib
 from jaxda.evaluation import evaluator as evaluator_lib
 from jaxda.evaluation import inference, metrics
 
@@ -51,8 +52,15 @@ def restore_networks(config: ml_collections.ConfigDict, workdir: str, mesh) -> N
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Evaluates the networks of `restore_networks` with config.eval.mode; results go to
-    `workdir/eval/eval_mode_{step_NNNNNNN|ensemble}[_MODE].json` (no suffix for 'whole')."""
+    `workdir/eval/eval_mode_{step_NNNNNNN|ensemble}[_MODE].json` (no suffix for 'whole').
+
+    With config.eval.datasets, each of those datasets is evaluated next (`datasets.evaluate`):
+    one table, `workdir/eval/datasets_{step_NNNNNNN|ensemble}[_MODE].json`, TensorBoard
+    scalars in workdir/eval; the returned results then hold that record under 'datasets'.
+    """
     inference.Settings.from_config(config.eval)  # Wrong settings fail before the restore.
+    if config.eval.get("datasets"):
+        datasets_lib.ordered_names(config.eval)  # A wrong row order fails before the restore.
     mesh = mesh_lib.make_mesh(config.num_devices or None)
     networks = restore_networks(config, workdir, mesh)
     evaluator = evaluator_lib.Evaluator(networks.model, config, mesh)
@@ -65,12 +73,27 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
             for d, w in zip(networks.step_dirs, networks.weights, strict=True)
         ]
         name, title = f"eval_mode_ensemble{suffix}.json", "Target mIoU of the logit ensemble:"
+        run_name, variables = "ensemble", networks.members
     else:
         step = networks.step
         results = evaluator.run(networks.members[0], step)
         results["checkpoint"] = networks.step_dirs[0]
         name = f"eval_mode_step_{step:07d}{suffix}.json"
         title = f"Target mIoU of the checkpoint of step {step}:"
+        run_name, variables = f"step_{step:07d}", networks.members[0]
     evaluator_lib.write_results(results, os.path.join(workdir, "eval", name))
     print(metrics.format_table(results, title))
+    if config.eval.get("datasets"):
+        listed = datasets_lib.evaluate(
+            networks.model, config, mesh, variables, networks.step, networks.weights
+        )
+        what = "the logit ensemble" if networks.is_ensemble else f"step {networks.step}"
+        results["datasets"] = datasets_lib.report(
+            listed,
+            workdir,
+            f"datasets_{run_name}{suffix}.json",
+            networks.step,
+            f"config.eval.datasets, {what} ({config.eval.mode} inference):",
+            {k: results[k] for k in ("checkpoint", "ensemble") if k in results},
+        )
     return results

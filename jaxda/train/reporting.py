@@ -31,14 +31,7 @@ def _write_eval(writer, results: dict, workdir: str) -> None:
     if jax.process_index() == 0:
         path = os.path.join(workdir, EVAL_SUBDIR, f"step_{step:07d}.json")
         evaluator_lib.write_results(results, path)
-    scalars = {"eval/miou": results["miou"], "eval/pixel_accuracy": results["pixel_accuracy"]}
-    for key, value in results.items():
-        if key.startswith("miou_"):
-            scalars[f"eval/{key}"] = value
-    for name, value in results["per_class_iou"].items():
-        if value is not None:
-            scalars[f"eval/iou/{name}"] = value
-    writer.write_scalars(step, scalars)
+    writer.write_scalars(step, metrics_lib.result_scalars(results, "eval"))
 
 
 def evaluate(evaluator, writer, state, method, step: int, workdir: str) -> dict:
