@@ -28,6 +28,17 @@ loads and no prototypes are written. ProDA saves no EMA network: a method with a
 starts it as a copy of the converted student. SimCLRv2 inits (ProDA's `r101_1x_sk0.pth`,
 layout `simclr`, or `torchvision` when detected) load the backbone only.
 
+RobustNet files (layout `robustnet`) load with their normalisation family, which the config
+must name (config.model.instance_norm / instance_norm_at; `layouts.check_instance_norm` refuses
+a file that differs, naming its keys): IBN ('affine') files' `layer0.1.{weight,bias}` (deep
+stem: `layer0.7`) and `layerK.<last>.instance_norm_layer.{weight,bias}` load into the
+InstanceNorms' scale and bias; IW / IRW / ISW ('plain') files have no key there (no stem BN
+statistics either). RobustNet stores no whitening state in its checkpoints: ISW's mask lives in
+`CovMatrix_ISW` Python objects, not in buffers, so a converted ISW model starts jaxda's mask
+pass afresh (config.whitening); such tensors, if a file has them, are skipped with the reason.
+Into an IN config, an ImageNet ResNet's stem `bn1` weight and bias load into an affine stem
+InstanceNorm (as RobustNet's `forgiving_state_restore` does); the rest of that BN is skipped.
+
 A discriminator checkpoint (AdaptSegNet or ADVENT layout) becomes `OUT/discriminator/` with the
 orbax items `params` (FCDiscriminator params, as `FCDiscriminator.apply({'params': ...})` takes
 them) and `meta` (JSON); `restore_discriminator` reads it back.

@@ -6,6 +6,18 @@ SimCLRv2's 'net.3.blocks.0.net.1.0.running_mean') into the path of the matching 
 jaxda's models (('batch_stats', 'backbone', 'layer3_4', 'bn2', 'var')), or None when the name
 has no counterpart. `jaxda.interop.torch_layouts.map_state_dict` uses them; the layouts
 themselves are described in `jaxda.interop.layouts`.
+
+RobustNet's normalisation keys (config.model.instance_norm / instance_norm_at):
+
+  layer0.1.{weight,bias}         IBN stem, 7x7 ('affine', 'stem')  -> instance_norm1/{scale,bias}
+  layer0.7.{weight,bias}         IBN stem, deep stem               -> instance_norm3/{scale,bias}
+  layerK.B.instance_norm_layer.{weight,bias}  IBN after layer K's last block B
+                                              -> layerK_B/instance_norm/{scale,bias}
+
+(all under params/backbone). An IBN stem norm has no running statistics; a 'plain' one (IW /
+IRW / ISW) has no key at all, nor has a 'plain' `instance_norm_layer`. `file_stem_norms`,
+`file_blocks` and `model_stem_norms` tell which a file and a model have, for
+`jaxda.interop.layouts.check_instance_norm`.
 """
 
 import re
@@ -33,15 +45,22 @@ def backbone_path(name: str) -> tuple | None:
         collection, leaf = _BN_FIELDS[m[2]]
         return (collection, "backbone", m[1], leaf)
     if m := re.fullmatch(r"layer([1-4])\.(\d+)\.(.+)", name):
-        block, rest = f"layer{m[1]}_{int(m[2])}", m[3]
-        if c := re.fullmatch(r"(conv[1-3])\.weight", rest):
-            return ("params", "backbone", block, c[1], "kernel")
-        if c := re.fullmatch(r"downsample\.0\.weight", rest):
-            return ("params", "backbone", block, "downsample", "kernel")
-        if c := re.fullmatch(rf"(bn[1-3]|downsample\.1)\.{_BN}", rest):
-            collection, leaf = _BN_FIELDS[c[2]]
-            module = "bn_downsample" if c[1] == "downsample.1" else c[1]
-            return (collection, "backbone", block, module, leaf)
+        path = _block_path(m[3])
+        return (
+            None if path is None else (path[0], "backbone", f"layer{m[1]}_{int(m[2])}", *path[1:])
+        )
+    return None
+
+
+def _block_path(name: str) -> tuple | None:
+    """(collection, module, leaf) of a bottleneck tensor name ('downsample.1.running_var')."""
+    if c := re.fullmatch(r"(conv[1-3]|downsample\.0)\.weight", name):
+        return ("params", "downsample" if c[1] == "downsample.0" else c[1], "kernel")
+    if c := re.fullmatch(rf"(bn[1-3]|downsample\.1)\.{_BN}", name):
+        collection, leaf = _BN_FIELDS[c[2]]
+        return (collection, "bn_downsample" if c[1] == "downsample.1" else c[1], leaf)
+    if c := re.fullmatch(r"instance_norm_layer\.(weight|bias)", name):  # RobustNet's IBN.
+        return ("params", "instance_norm", _BN_FIELDS[c[1]][1])
     return None
 
 
@@ -171,6 +190,85 @@ def v3plus_path(name: str, variant: str) -> tuple[tuple, str] | None:
     if kind == "bn" and field in _BN_FIELDS:
         collection, leaf = _BN_FIELDS[field]
         return (collection, *path, leaf), path[0]
+    return None
+
+
+# RobustNet's normalisation family (`network/Resnet.py`, `--wt_layer`). Its stem norm sits at
+# `layer0.<i>`, the BN's place: a BatchNorm2d (weight, bias, running statistics), an affine
+# InstanceNorm2d (IBN-Net, code 4: weight and bias, no running statistics) or InstanceWhitening
+# (IW / IRW / ISW, codes 1-3: an InstanceNorm2d without affine, no keys). The last block of a
+# layer adds `instance_norm_layer` after its residual sum (IBN: weight, bias; IW/IRW/ISW: none).
+# jaxda's model replaces `bn<i>` by `instance_norm<i>` ('scale', 'bias' only when affine) and
+# adds `layer<K>_<last>/instance_norm`.
+STEM_NORMS = {"bn1": 1, "bn2": 4, "bn3": 7}  # Stem norm -> its `layer0` index.
+
+
+def model_stem_norms(paths) -> dict[str, str]:
+    """{'bn1'[, 'bn2', 'bn3']: 'bn' | 'affine' | 'plain'}: what normalises each stem conv of a
+    model with these variable paths (a dict or set of path tuples)."""
+    deep = any(p[1:3] == ("backbone", "conv2") for p in paths)
+    kinds = {}
+    for index in (1, 2, 3) if deep else (1,):
+        if ("params", "backbone", f"bn{index}", "scale") in paths:
+            kinds[f"bn{index}"] = "bn"
+        elif ("params", "backbone", f"instance_norm{index}", "scale") in paths:
+            kinds[f"bn{index}"] = "affine"
+        else:
+            kinds[f"bn{index}"] = "plain"
+    return kinds
+
+
+def model_instance_norm_blocks(paths) -> dict[int, int]:
+    """{layer: block} of a model's blocks with an affine InstanceNorm (a 'plain' one has no
+    variables: it cannot be seen in the paths)."""
+    found = {}
+    for path in paths:
+        if (
+            len(path) > 3
+            and path[-2:] == ("instance_norm", "scale")
+            and (m := re.fullmatch(r"layer(\d)_(\d+)", path[-3]))
+        ):
+            found[int(m[1])] = int(m[2])
+    return found
+
+
+def file_stem_norms(names) -> dict[str, tuple[str, list[str]]]:
+    """{'bn1'[, 'bn2', 'bn3']: (kind, its keys)} of a RobustNet state dict's names (after
+    'module.'), for each stem conv the file has; kind 'bn' (running statistics), 'affine'
+    (weight and bias only) or 'plain' (no key)."""
+    names = set(names)
+    deep = "layer0.3.weight" in names or "layer0.6.weight" in names
+    norms = {}
+    for bn, index in STEM_NORMS.items():
+        if (bn == "bn1" or deep) and f"layer0.{index - 1}.weight" in names:
+            keys = sorted(n for n in names if re.fullmatch(rf"layer0\.{index}\.{_BN}", n))
+            fields = {k.rsplit(".", 1)[1] for k in keys}
+            statistics = {"running_mean", "running_var"} & fields
+            norms[bn] = ("bn" if statistics else "affine" if fields else "plain", keys)
+    return norms
+
+
+def file_blocks(names) -> tuple[dict[int, int], dict[int, list[int]]]:
+    """({layer: number of blocks}, {layer: [blocks with IBN keys]}) of RobustNet names."""
+    counts, ibn = {}, {}
+    for name in names:
+        if m := re.match(r"layer([1-4])\.(\d+)\.", name):
+            layer, block = int(m[1]), int(m[2])
+            counts[layer] = max(counts.get(layer, 0), block + 1)
+            if re.fullmatch(r"layer\d\.\d+\.instance_norm_layer\.(weight|bias)", name):
+                ibn.setdefault(layer, set()).add(block)
+    return counts, {layer: sorted(b) for layer, b in ibn.items()}
+
+
+def stem_instance_norm_path(path: tuple, kinds: dict) -> tuple | None:
+    """A stem BN variable's path in a model whose `bn<i>` is an InstanceNorm (`kinds` from
+    `model_stem_norms`): ('params', 'backbone', 'instance_norm<i>', 'scale' | 'bias') for the
+    affine of an 'affine' one, None for what has no counterpart (running statistics, anything
+    of a 'plain' one); any other path unchanged."""
+    if len(path) != 4 or path[1] != "backbone" or kinds.get(path[2], "bn") == "bn":
+        return path
+    if kinds[path[2]] == "affine" and path[0] == "params":
+        return ("params", "backbone", "instance_norm" + path[2][2:], path[3])
     return None
 
 

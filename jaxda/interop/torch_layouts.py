@@ -7,8 +7,8 @@ array) onto the variables of `jaxda.models.deeplab_v2.DeepLabV2`,
 `jaxda.models.discriminators.FCDiscriminator`.
 It never imports torch: `jaxda.interop.convert` reads the files and hands the arrays over.
 
-Layouts: `jaxda.interop.layouts`; key names -> variable paths: `jaxda.interop.key_names`;
-ASPP branch detection: `jaxda.interop.aspp_detection`.
+Layouts: `jaxda.interop.layouts`; key names -> variable paths: `jaxda.interop.key_names`
+(RobustNet's normalisation keys too); ASPP branch detection: `jaxda.interop.aspp_detection`.
 
 Every key of the file ends up in exactly one group of the `ConversionReport`: loaded, skipped
 (recognised but not loadable into this model, with the reason), ignored (not part of the
@@ -28,9 +28,11 @@ from jaxda.interop.aspp_detection import detect_aspp_branches
 from jaxda.interop.key_names import (
     backbone_path,
     blocks,
+    model_stem_norms,
     path_str,
     proda_path,
     simclr_to_torchvision,
+    stem_instance_norm_path,
     v3plus_path,
 )
 from jaxda.interop.layouts import (
@@ -39,6 +41,7 @@ from jaxda.interop.layouts import (
     ConversionError,
     Layout,
     check_bn_clr,
+    check_instance_norm,
     check_model,
     detect_layout,
     strip_module,
@@ -172,7 +175,13 @@ def map_state_dict(
     Raises:
       ConversionError: unknown layout, a layout of another network than the target's
         (DeepLabV2 vs DeepLabV3+), a shape mismatch (naming the key and both shapes), a
-        backbone depth or stem mismatch, or an ASPP branch-count disagreement.
+        backbone depth or stem mismatch, a RobustNet normalisation mismatch
+        (`layouts.check_instance_norm`), or an ASPP branch-count disagreement.
+
+    A stem BN that the target replaces by an InstanceNorm (config.model.instance_norm): its
+    weight and bias load into an 'affine' one's scale and bias (RobustNet's IBN files, and its
+    ImageNet init, which `forgiving_state_restore` loads by name); what has no counterpart
+    (running statistics, all of a 'plain' one's) is skipped with the reason.
     """
     layout = layout or detect_layout(list(state_dict), container)
     if layout not in LAYOUTS:
@@ -192,6 +201,9 @@ def map_state_dict(
     names = [strip_module(k) for k in state_dict]
     if layout == "proda" and not partial:
         check_bn_clr(names, "bn_pretrain" in target["params"])
+    if spec.variant == "robustnet":
+        check_instance_norm(names, targets)
+    stem_norms = {} if is_discriminator else model_stem_norms(targets)
     if layout == "simclr" and any(".mixing_conv." in n for n in names):
         raise ConversionError(
             "The SimCLRv2 file is a selective-kernel (sk1) ResNet: its blocks have no "
@@ -230,6 +242,12 @@ def map_state_dict(
             report.unexpected.append(key)
             continue
         entry.value = np.asarray(raw)
+        if entry.group == "backbone" and entry.path[2] in stem_norms:
+            path = stem_instance_norm_path(entry.path, stem_norms)
+            if path is None:
+                report.skipped[key] = _replaced_stem_reason(entry.path[2], stem_norms)
+                continue
+            entry.path = path
         if entry.group.startswith("head_") and entry.group not in model_heads:
             report.skipped[key] = "the model has no aux head (config.model.multi_level=False)"
             continue
@@ -300,6 +318,15 @@ def map_state_dict(
             "not loaded; pass --layout if the detected layout is wrong"
         )
     return loaded, report
+
+
+def _replaced_stem_reason(bn: str, stem_norms: dict) -> str:
+    kind = stem_norms[bn]
+    what = "has no parameters" if kind == "plain" else "keeps no running statistics"
+    return (
+        f"the config's model replaces the stem's {bn} by an InstanceNorm "
+        f"(config.model.instance_norm={kind!r}), which {what} (RobustNet drops them too)"
+    )
 
 
 def _parse(key: str, name: str, spec: Layout, heads: dict) -> _Entry | None:
