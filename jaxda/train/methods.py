@@ -6,6 +6,7 @@ from jaxda.train import (
     dasac_passes,
     proda,
     proda_passes,
+    robustnet,
     source_only,
     spec,
     target_loss,
@@ -27,6 +28,7 @@ METHODS = {
     "proda_distillation": proda.DISTILLATION,
     "dasac_abn": dasac.ABN,
     "dasac_sac": dasac.SAC,
+    "robustnet": robustnet.METHOD,
 }
 del proda_passes, dasac_passes  # Imported for their offline passes (`offline.PASSES`).
 for _name in ("tent", "bn_adapt"):

@@ -83,6 +83,10 @@ class Method:
       test_time: adapt on the evaluation split itself: one ordered pass over config.data.eval,
         a step per batch (batches carry 'valid' [b] masks for the padding); the results are
         `online_results(state, config) -> {'confusion': [C, C]}` scored like an evaluation.
+      after_step: `(state, step, *, config, modules, mesh) -> None | (state, scalars)`, called
+        after every step: a returned state (e.g. ISW's mask, computed by a pass over the
+        data at one step) replaces the old one, its scalars are logged and a checkpoint of
+        that step is written at once, so a resumed run never repeats the work.
     """
 
     train_step: Callable
@@ -92,3 +96,4 @@ class Method:
     eval_network: str = "seg"
     test_time: bool = False
     online_results: Callable | None = None
+    after_step: Callable | None = None

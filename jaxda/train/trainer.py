@@ -321,8 +321,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 state, metrics = train_step(state, next(batches))
             pending.append((step, metrics))
             report(step)
+            changed = None
+            if method.after_step is not None:
+                changed = method.after_step(
+                    state, step, config=config, modules=setup.modules, mesh=mesh
+                )
+            if changed is not None:
+                state, scalars = changed
+                writer.write_scalars(step, scalars)
+                logging.info("step %d: %s", step, scalars)
             log = _is_step(step, config.log_every_steps, total_steps)
-            save = _is_step(step, config.checkpoint_every_steps, total_steps)
+            save = changed is not None or _is_step(step, config.checkpoint_every_steps, total_steps)
             evaluate = _is_step(step, config.eval_every_steps, total_steps)
             if not (log or save or evaluate):
                 continue
