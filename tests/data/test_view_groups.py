@@ -245,6 +245,14 @@ def test_color_jitter_greyscale_and_noise_match_numpy():
     blurred = augment.gaussian_blur(tf.constant(image), draw.radius, 2.0)
     expected = view_groups.greyscale(view_groups.color_jitter(blurred, draw.factors, draw.order))
     np.testing.assert_allclose(view_groups.noise(tf.constant(image), draw, options), expected)
+    # RobustNet's photometric copy: jitter, then blur (greyscale still last).
+    options = {**options, "blur_after_jitter": True}
+    jittered = view_groups.color_jitter(tf.constant(image), draw.factors, draw.order)
+    expected = view_groups.greyscale(augment.gaussian_blur(jittered, draw.radius, 2.0))
+    got = view_groups.noise(tf.constant(image), draw, options)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    blurred_first = view_groups.noise(tf.constant(image), draw, view_groups.GROUP_DEFAULTS)
+    assert np.abs(np.asarray(got) - np.asarray(blurred_first)).max() > 0.5  # Order matters.
 
 
 def test_draws_follow_their_distributions():
