@@ -1,8 +1,10 @@
-r"""Kill a multi-stage run with SIGKILL at chosen points, rerun the same command, and compare
-every stage's results with an uninterrupted run (ProDA's acceptance check).
+r"""Kill a run with SIGKILL at chosen points, rerun the same command, and compare every
+stage's results with an uninterrupted run (ProDA's and RobustNet's acceptance checks).
 
   python benchmarks/kill_resume.py --config=configs/proda.py:synthetic --workdir=/tmp/kr \
       --kill_at=stage1/checkpoints/200 --kill_at=hard_labels1/chunks/batch_0000001.npz
+  python benchmarks/kill_resume.py --config=configs/robustnet.py:synthetic \
+      --workdir=/tmp/kr_isw --kill_at=checkpoints/100 --kill_at=checkpoints/400
 
 Runs `python -m launch.main` three ways under WORKDIR: 'straight' (uninterrupted), then
 'killed': started, SIGKILLed as soon as the first --kill_at path exists, restarted, killed
@@ -43,8 +45,13 @@ def _kill_when(command, path: str, log) -> None:
 
 
 def _outcomes(workdir: str) -> dict:
-    """{stage: results.json 'final' without 'seconds', or an offline pass's summary}."""
+    """{stage: results.json 'final' without 'seconds', or an offline pass's summary}; a
+    single-stage run's results.json is stage 'run'."""
     found = {}
+    if os.path.exists(os.path.join(workdir, "results.json")):
+        with open(os.path.join(workdir, "results.json")) as f:
+            found["run"] = json.load(f)["final"]
+        found["run"].pop("seconds", None)
     for name in sorted(os.listdir(workdir)):
         results = os.path.join(workdir, name, "results.json")
         manifest = os.path.join(workdir, name, "manifest.json")

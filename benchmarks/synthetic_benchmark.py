@@ -6,6 +6,8 @@ r"""Runs methods on the built-in synthetic benchmark over several seeds; prints 
       --methods=proda_warmup,proda_stage1,proda_stage2,proda_stage3   # ProDA's stages
   python benchmarks/synthetic_benchmark.py --workdir=/tmp/jaxda_bench \
       --methods=dasac_abn,dasac_sac                                    # DA-SAC's stages
+  python benchmarks/synthetic_benchmark.py --workdir=/tmp/jaxda_bench \
+      --methods=robustnet_base,robustnet_ibn,robustnet_isw             # RobustNet (DG)
 
 Each (method, seed) trains in its own process with `python -m launch.main` into
 `<workdir>/<method>/seed<seed>`; finished runs are reused, so an interrupted benchmark resumes.
@@ -68,6 +70,14 @@ METHODS = {
         ["--config=configs/adaptseg.py:synthetic,model=deeplabv3plus"],
     ),
 }
+# RobustNet's normalisation family (domain generalisation: the target is never seen in
+# training); rows paired with its 'base' network; not in the default row set.
+ROBUSTNET = ("base", "ibn", "iw", "irw", "isw")
+for _norm in ROBUSTNET:
+    METHODS[f"robustnet_{_norm}"] = (
+        f"RobustNet {_norm.upper() if _norm != 'base' else 'baseline'}, DeepLabV3+ (DG)",
+        [f"--config=configs/robustnet.py:synthetic,norm={_norm}"],
+    )
 # Multi-stage pipelines: one run per seed (`<workdir>/<pipeline>/seed<N>`), one row per
 # training stage. ProDA's rows carry the agreement of the pseudo labels each stage produced
 # (the offline pass after it) with the target labels: the warm-up's soft labels (argmax),
@@ -93,7 +103,9 @@ STAGED = {
 }
 for _name, (_pipeline, _title, _stage, _) in STAGED.items():
     METHODS[_name] = (_title, [PIPELINES[_pipeline]])
-DEFAULT_METHODS = ",".join(m for m in METHODS if not m.endswith("_v3plus"))
+DEFAULT_METHODS = ",".join(
+    m for m in METHODS if not m.endswith("_v3plus") and not m.startswith("robustnet")
+)
 
 
 def run_one(method: str, seed: int, workdir: str, extra: list[str]) -> dict:
@@ -146,8 +158,10 @@ def main() -> None:
     for method, mious in per_method.items():
         std = mious.std(ddof=1) if len(mious) > 1 else 0.0
         per_seed = ", ".join(f"{m:.2f}" for m in mious)
-        # Paired with source only of the same network and seed.
+        # Paired with source only of the same network and seed (RobustNet: its baseline).
         reference = "source_only" + ("_v3plus" if method.endswith("_v3plus") else "")
+        if method.startswith("robustnet"):
+            reference = "robustnet_base"
         baseline = per_method.get(reference)
         wins = (
             ""
@@ -161,6 +175,9 @@ def main() -> None:
     dasac = [m for m in methods if m in DASAC_STAGES]
     if dasac:
         print_dasac_table(dasac, per_method, seeds, args.workdir)
+    robustnet = [m for m in methods if m.startswith("robustnet_")]
+    if robustnet:
+        print_robustnet_table(robustnet, seeds, args.workdir, args.extra)
 
 
 def _print_header(header) -> None:
@@ -245,6 +262,55 @@ def print_dasac_table(methods, per_method, seeds, workdir: str) -> None:
             cover = np.mean([_logged(r, "train/pseudo_label_coverage", 5) for r in runs])
             quality = f"{100 * acc:.1f} / {100 * cover:.1f}"
         print(f"| {title} | {' | '.join(cells)} | {quality} |")
+
+
+def _dg_results(method: str, seed: int, workdir: str, extra: list[str]) -> dict:
+    """{dataset: mIoU} of `--mode=eval` on the run's config.eval.datasets (run once)."""
+    run_dir = os.path.join(workdir, method, f"seed{seed}")
+    found = [n for n in os.listdir(os.path.join(run_dir, "eval")) if n.startswith("datasets_")]
+    if not found:
+        command = [
+            sys.executable, "-m", "launch.main", *METHODS[method][1], f"--workdir={run_dir}",
+            f"--config.seed={seed}", "--mode=eval", *extra,
+        ]  # fmt: skip
+        with open(os.path.join(workdir, f"{method}_seed{seed}_eval.log"), "w") as log:
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+        found = [n for n in os.listdir(os.path.join(run_dir, "eval")) if n.startswith("datasets_")]
+    with open(os.path.join(run_dir, "eval", sorted(found)[-1])) as f:
+        record = json.load(f)
+    return {name: r["miou"] for name, r in record["datasets"].items() if "miou" in r}
+
+
+def print_robustnet_table(methods, seeds, workdir: str, extra: list[str]) -> None:
+    """RobustNet's DG table: the unseen target domain and the source's own validation split
+    (`--mode=eval` on config.eval.datasets), target wins paired with the baseline, and the
+    share of off-diagonal covariance entries ISW's mask selected per whitened layer."""
+    print("\nRobustNet (trained on the source only): DG table of --mode=eval, mIoU mean ± std;")
+    print("ISW mask: share of each whitened layer's off-diagonal entries selected (stem /")
+    print("layer1 / layer2):\n")
+    _print_header(("network", "target (unseen)", "source validation",
+                   "target beats baseline (paired)", "ISW mask share"))  # fmt: skip
+    per = {m: [_dg_results(m, seed, workdir, extra) for seed in seeds] for m in methods}
+    base = per.get("robustnet_base")
+    for method, records in per.items():
+        cells = []
+        for name in ("target", "source"):
+            values = np.array([r[name] for r in records])
+            std = values.std(ddof=1) if len(values) > 1 else 0.0
+            cells.append(f"{values.mean():.1f} ± {std:.1f}")
+        wins = ""
+        if base is not None and method != "robustnet_base":
+            won = sum(r["target"] > b["target"] for r, b in zip(records, base, strict=True))
+            wins = f"{won} of {len(seeds)}"
+        share = ""
+        if method == "robustnet_isw":
+            runs = [os.path.join(workdir, method, f"seed{seed}") for seed in seeds]
+            fractions = [
+                np.mean([_logged(r, f"isw/sensitive_fraction/{slot}", 1) for r in runs])
+                for slot in ("stem", "layer1", "layer2")
+            ]
+            share = " / ".join(f"{100 * f:.0f}%" for f in fractions)
+        print(f"| {METHODS[method][0]} | {' | '.join(cells)} | {wins} | {share} |")
 
 
 if __name__ == "__main__":

@@ -179,6 +179,7 @@ def _synthetic(c, kind: str, weight: float, relax_denom: float) -> None:
     c.model.stage_sizes = (2, 2, 1, 1)
     c.batch_size = 8
     c.total_steps = 600
+    c.eval_every_steps = c.checkpoint_every_steps = 200
     c.optimizer.learning_rate = 0.01
     c.optimizer.lr_multipliers = {"backbone": 1.0, "head": 1.0}
     _augment(c.data.source, crop=64, blur=(0.02, 0.16), tile=32)
