@@ -138,8 +138,11 @@ def _robustnet_whitening_loss(f_map, mask):
     return torch.sum(loss) / b
 
 
-@pytest.mark.parametrize(("kind", "deep_stem"), [("plain", False), ("affine", False),
-                                                 ("affine", True)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kind", "deep_stem"),
+    # The deep stem (layer0.7 -> instance_norm3) in the slow run.
+    [("plain", False), ("affine", False), pytest.param("affine", True, marks=pytest.mark.slow)],
+)
 def test_converted_robustnet_file_matches_torch(kind, deep_stem, tmp_path):
     config = _config(kind, deep_stem=deep_stem)
     torch_model = _torch_model(kind, deep_stem=deep_stem)

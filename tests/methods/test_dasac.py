@@ -96,7 +96,8 @@ def test_teacher_update_cadence(data_dir, tmp_path):
             np.testing.assert_allclose(a, 0.99 * t + 0.01 * s if due else t, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("stage", [pytest.param("abn", marks=pytest.mark.slow), "sac"])
+# ~25 s each; the default run keeps AdaptSegNet's 1-vs-8 test (tests/train/test_steps.py).
+@pytest.mark.parametrize("stage", [pytest.param(s, marks=pytest.mark.slow) for s in ("abn", "sac")])
 def test_one_and_eight_devices_give_the_same_losses(stage, data_dir, tmp_path):
     config = _config(stage, data_dir, tmp_path, teacher_every=1)
     batches = _batches(config, 2)

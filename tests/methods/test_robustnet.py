@@ -63,14 +63,17 @@ def _whitening_np(maps, mask, margin, count):
     return np.mean(losses)
 
 
-def _expected_loss(config, state, batch, kind, masks=None):
-    """Independent loss of one step: forward in training mode, NumPy terms."""
-    model = trainer.build(config, mesh_lib.make_mesh(1)).modules["seg"]
+def _training_forward(model):
+    return jax.jit(
+        lambda v, x, key: common.forward(model, v, x, train=True, features=True, rng=key)
+    )
+
+
+def _expected_loss(config, forward, state, batch, kind, masks=None):
+    """Independent loss of one step: `forward` (`_training_forward`), NumPy terms."""
     variables = {"params": state.params["seg"], "batch_stats": state.batch_stats}
     images, labels = batch["source"]["image"], np.asarray(batch["source"]["label"])
-    outputs, _, sown = common.forward(
-        model, variables, images, train=True, features=True, rng=state.step_key()
-    )
+    outputs, _, sown = forward(variables, images, state.step_key())
     main = common.upsample({"main": outputs["main"]}, labels.shape[1:3])["main"]
     aux = np.asarray(outputs["aux"])
     # PyTorch's nearest: source index floor(i * in / out).
@@ -94,13 +97,14 @@ def _expected_loss(config, state, batch, kind, masks=None):
     return loss
 
 
-# ~15 s each (compiling the step); IRW and ISW cover the margin and the mask by default.
+# ~15 s each (compiling the step): ISW (mask, gate) by default; IRW's margin is tested on the
+# loss itself (tests/losses/test_whitening.py).
 _SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize(
     "norm",
-    [pytest.param(n, marks=_SLOW) for n in ("base", "ibn", "iw")] + ["irw", "isw"],
+    [pytest.param(n, marks=_SLOW) for n in ("base", "ibn", "iw", "irw")] + ["isw"],
 )
 def test_step_loss_matches_numpy(data_dir, norm):
     """CE(main) + 0.4 CE(aux on nearest-downsampled labels) + weight x whitening loss, with
@@ -119,7 +123,8 @@ def test_step_loss_matches_numpy(data_dir, norm):
         not_ready = jax.tree.map(np.array, state.replace(extra={**state.extra}))
         state = state.replace(extra={"mask": masks, "ready": np.asarray(True)})
     batch = _batch(config)
-    expected = _expected_loss(config, state, batch, kind, masks)
+    forward = _training_forward(setup.modules["seg"])
+    expected = _expected_loss(config, forward, state, batch, kind, masks)
     step = trainer.jit_train_step(config, setup)
     _, metrics = step(state, mesh_lib.to_global(batch, mesh))
     np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=2e-5)
@@ -127,7 +132,7 @@ def test_step_loss_matches_numpy(data_dir, norm):
     if kind == "isw":
         _, metrics = step(not_ready, mesh_lib.to_global(batch, mesh))
         assert float(metrics["loss_whitening"]) == 0.0
-        expected = _expected_loss(config, not_ready, batch, "")
+        expected = _expected_loss(config, forward, not_ready, batch, "")
         np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=2e-5)
 
 
@@ -173,6 +178,7 @@ def test_mask_pass_matches_numpy(data_dir):
     model = setup.modules["seg"]
     variables = {"params": state.params["seg"], "batch_stats": state.batch_stats}
     reader = input_pipeline.open_reader(w.stream, config.data)
+    features = jax.jit(lambda v, x: common.forward(model, v, x, train=False, features=True))
     expected = {}
     for trial in range(w.trials):
         batches = input_pipeline.train_iterator(
@@ -183,7 +189,7 @@ def test_mask_pass_matches_numpy(data_dir):
         for _ in range(-(-w.images_per_trial // w.batch_size)):
             group = next(batches)["group"]
             for images in (group["image"], group["clean"]):
-                _, _, sown = common.forward(model, variables, images, train=False, features=True)
+                _, _, sown = features(variables, images)
                 for slot, pieces in covs.items():
                     f = np.asarray(sown[PREFIX + slot], np.float64)
                     b, h, wd, c = f.shape
@@ -230,6 +236,7 @@ def test_config_norms():
         robustnet_config.get_config("norm=isn")
 
 
+@pytest.mark.slow  # ~10 s; the pass's per-pair weighting is checked against NumPy by default.
 def test_mask_pass_same_on_one_and_eight_devices(data_dir):
     """Each pair's variance is computed on its own and padded rows weigh 0, so the mask does
     not depend on how the pairs are split over devices (8 pairs per step, 12 per trial)."""
