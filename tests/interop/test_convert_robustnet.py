@@ -20,7 +20,7 @@ from tests.interop import fakes
 
 torch = pytest.importorskip("torch")
 ref = pytest.importorskip("jaxda.interop.torch_reference_v3plus")
-parity = pytest.importorskip("tests.interop.test_parity")
+v3plus = pytest.importorskip("tests.interop.test_convert_v3plus")
 
 TOLERANCE = 1e-4
 NUM_CLASSES = 5
@@ -30,9 +30,6 @@ STAGE_SIZES = (2, 2, 1, 1)
 WIDTH = 8
 HEADS = {"head_width": 16, "low_level_width": 8, "aux_width": 16}
 SLOTS = ("stem", "layer1", "layer2")  # RobustNet's --wt_layer 0 0 X X X 0 0.
-# RobustNet's `layer0 = Sequential(conv1, bn1, relu[, conv2, bn2, relu, conv3, bn3, relu],
-# maxpool)`: the transcription's stem names -> `layer0` indices.
-LAYER0 = {"conv1": 0, "bn1": 1, "conv2": 3, "bn2": 4, "conv3": 6, "bn3": 7}
 
 
 def _config(kind: str, slots=SLOTS, deep_stem=False):
@@ -55,8 +52,7 @@ def _config(kind: str, slots=SLOTS, deep_stem=False):
 
 @functools.cache
 def _torch_model(kind: str, slots=SLOTS, deep_stem=False):
-    torch.manual_seed(0)
-    model = ref.DeepLabV3PlusTorch(
+    model = v3plus.randomized_torch_model(
         num_classes=NUM_CLASSES,
         layers=STAGE_SIZES,
         width=WIDTH,
@@ -67,47 +63,26 @@ def _torch_model(kind: str, slots=SLOTS, deep_stem=False):
         instance_norm_at=slots,
         **HEADS,
     )
-    calibration = torch.randn(2, 3, 40, 56, generator=torch.Generator().manual_seed(1))
-    parity.randomize(model, 2, calibration)
     generator = torch.Generator().manual_seed(4)
     with torch.no_grad():  # IBN's affine away from its (1, 0) init.
         for m in model.modules():
             if isinstance(m, torch.nn.InstanceNorm2d) and m.affine:
                 m.weight.uniform_(0.5, 1.5, generator=generator)
                 m.bias.normal_(0, 0.2, generator=generator)
-    return model.eval()
-
-
-def _robustnet_names(state_dict: dict) -> dict:
-    """The transcription's state dict under RobustNet's names (without 'module.')."""
-    out = {}
-    for key, value in state_dict.items():
-        name = key[len("backbone.") :] if key.startswith("backbone.") else key
-        if m := re.fullmatch(r"((?:conv|bn)\d)\.(\w+)", name):
-            name = f"layer0.{LAYER0[m[1]]}.{m[2]}"
-        out[name] = value
-    return out
+    return model
 
 
 def _numpy_sd(kind: str, slots=SLOTS, deep_stem=False) -> dict:
-    sd = _robustnet_names(_torch_model(kind, slots, deep_stem).state_dict())
+    sd = v3plus.robustnet_names(_torch_model(kind, slots, deep_stem).state_dict())
     return {k: v.numpy() for k, v in sd.items()}
 
 
 def _save(state_dict: dict, path) -> dict:
-    """Writes a file as RobustNet's `optimizer.save_weights` does (DDP keys); returns its
-    state dict."""
-    sd = {f"module.{k}": v for k, v in state_dict.items()}
-    obj = {
-        "state_dict": sd,
-        "optimizer": {"state": {}, "param_groups": [{"lr": 0.01}]},
-        "scheduler": {"last_epoch": 3},
-        "epoch": 3,
-        "mean_iu": 0.41,
-        "command": "python train.py --arch network.deepv3.DeepR50V3PlusD --wt_layer 0 0 2 2 2 0 0",
-    }
+    """Writes a file as RobustNet saves one; returns its ('module.') state dict."""
+    command = "python train.py --arch network.deepv3.DeepR50V3PlusD --wt_layer 0 0 2 2 2 0 0"
+    obj = v3plus.robustnet_file(state_dict, command)
     torch.save(obj, str(path))
-    return sd
+    return obj["state_dict"]
 
 
 def _restore(out: str, config):

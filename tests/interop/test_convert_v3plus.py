@@ -58,10 +58,19 @@ def _config(name: str, width: int = 4, heads=None):
     return config
 
 
+def randomized_torch_model(**kwargs):
+    """The PyTorch transcription (`ref.DeepLabV3PlusTorch(**kwargs)`) with seeded random
+    weights and BN statistics calibrated on random images, in evaluation mode."""
+    torch.manual_seed(0)
+    model = ref.DeepLabV3PlusTorch(**kwargs)
+    calibration = torch.randn(2, 3, 40, 56, generator=torch.Generator().manual_seed(1))
+    parity.randomize(model, 2, calibration)
+    return model.eval()
+
+
 def _torch_model(name: str, width: int = 4, heads=None):
     variant, output_stride, deep_stem, multi_grid, stage_sizes, _ = SETTINGS[name]
-    torch.manual_seed(0)
-    model = ref.DeepLabV3PlusTorch(
+    return randomized_torch_model(
         num_classes=NUM_CLASSES,
         layers=stage_sizes,
         width=width,
@@ -73,15 +82,10 @@ def _torch_model(name: str, width: int = 4, heads=None):
         dropout=False,
         **(heads or HEADS),
     )
-    calibration = torch.randn(2, 3, 40, 56, generator=torch.Generator().manual_seed(1))
-    parity.randomize(model, 2, calibration)
-    return model.eval()
 
 
-def _official_keys(state_dict: dict, variant: str) -> dict:
-    """The transcription's state dict under the official code's names."""
-    if variant == "jfzhang95":
-        return dict(state_dict)  # Its `backbone.` torchvision names are jfzhang95's.
+def robustnet_names(state_dict: dict) -> dict:
+    """The transcription's state dict under RobustNet's names (without 'module.')."""
     out = {}
     for key, value in state_dict.items():
         name = key
@@ -94,20 +98,32 @@ def _official_keys(state_dict: dict, variant: str) -> dict:
     return out
 
 
+def _official_keys(state_dict: dict, variant: str) -> dict:
+    """The transcription's state dict under the official code's names."""
+    if variant == "jfzhang95":
+        return dict(state_dict)  # Its `backbone.` torchvision names are jfzhang95's.
+    return robustnet_names(state_dict)
+
+
+def robustnet_file(state_dict: dict, command: str) -> dict:
+    """What RobustNet's `optimizer.save_weights` writes: DDP ('module.') keys in a dict."""
+    return {
+        "state_dict": {f"module.{k}": v for k, v in state_dict.items()},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.01}]},
+        "scheduler": {"last_epoch": 3},
+        "epoch": 3,
+        "mean_iu": 0.41,
+        "command": command,
+    }
+
+
 def _save(torch_model, name: str, path) -> dict:
     """Writes the file as the official trainer does; returns its state dict."""
     variant, *_, save_as = SETTINGS[name]
     sd = _official_keys(torch_model.state_dict(), variant)
     if save_as == "robustnet":  # optimizer.py save: DDP keys in a dict.
-        sd = {f"module.{k}": v for k, v in sd.items()}
-        obj = {
-            "state_dict": sd,
-            "optimizer": {"state": {}, "param_groups": [{"lr": 0.01}]},
-            "scheduler": {"last_epoch": 3},
-            "epoch": 3,
-            "mean_iu": 0.41,
-            "command": "python train.py --arch network.deepv3.DeepR50V3PlusD",
-        }
+        obj = robustnet_file(sd, "python train.py --arch network.deepv3.DeepR50V3PlusD")
+        sd = obj["state_dict"]
     elif save_as == "jfzhang95_trainer":  # Saver: model.module.state_dict(), no prefix.
         obj = {"epoch": 2, "state_dict": sd, "optimizer": {"state": {}}, "best_pred": 0.3}
     else:  # A bare DataParallel state dict.
