@@ -29,10 +29,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from jaxda.data import labels, sources
+from jaxda.data import classes, labels, sources
 
 DEFAULTS = {"fraction": 0.5, "tile": 1024}  # RobustNet's CLASS_UNIFORM_PCT and _TILE.
-NUM_CLASSES = labels.NUM_CLASSES  # RobustNet's num_classes: the 19 train ids.
+NUM_CLASSES = labels.NUM_CLASSES  # RobustNet's num_classes: the 19 train ids (by default).
 # Tag of the epoch draws' seeds: keeps them apart from the stream's other draws.
 _SEED_TAG = 0xC0
 _CACHE_FORMAT = 1
@@ -115,7 +115,7 @@ def compute_table(
     return CentroidTable(*columns, label_size=sizes)
 
 
-def _cache_meta(reader, label_map: str, tile: int) -> dict:
+def _cache_meta(reader, label_map: str, tile: int, num_classes: int) -> dict:
     return {
         "dataset": reader.name,
         "split": reader.split,
@@ -123,7 +123,7 @@ def _cache_meta(reader, label_map: str, tile: int) -> dict:
         "label_key": reader.label_key,
         "label_map": label_map,
         "tile": tile,
-        "num_classes": NUM_CLASSES,
+        "num_classes": num_classes,
         "num_images": len(reader),
         "format": _CACHE_FORMAT,
     }
@@ -147,11 +147,13 @@ def load_table(path: str, meta: dict) -> CentroidTable:
         return CentroidTable(*(data[f] for f in CentroidTable._fields))
 
 
-def cached_table(reader, dataset_dir: str, label_map: str, tile: int, lookup) -> CentroidTable:
+def cached_table(
+    reader, dataset_dir: str, label_map: str, tile: int, lookup, num_classes: int = NUM_CLASSES
+) -> CentroidTable:
     """The split's centroids, computed once and cached beside the prepared dataset: they depend
     on the labels only, so every run on the split shares them (as `sources` caches image ids).
     A read-only dataset directory is no error: the table is then recomputed per run."""
-    meta = _cache_meta(reader, label_map, tile)
+    meta = _cache_meta(reader, label_map, tile, num_classes)
     path = cache_path(dataset_dir, meta)
     if os.path.exists(path):
         return load_table(path, meta)
@@ -159,7 +161,7 @@ def cached_table(reader, dataset_dir: str, label_map: str, tile: int, lookup) ->
         "Class-uniform centroids of %s:%s (tile %d), once.", reader.name, reader.split, tile
     )
     table = compute_table(
-        (reader[i]["label"] for i in range(len(reader))), tile, NUM_CLASSES, lookup
+        (reader[i]["label"] for i in range(len(reader))), tile, num_classes, lookup
     )
     tmp = f"{path}.tmp{os.getpid()}.npz"
     try:
@@ -261,14 +263,19 @@ def load_plan(
         raise ValueError(f"{name}: class_uniform needs a random crop; set crop_size")
     dataset_dir = os.fspath(sources.get_builder(reader.name, data_config.data_dir).data_dir)
     lookup = label_table(domain_config.label_map)
-    table = cached_table(reader, dataset_dir, domain_config.label_map, settings["tile"], lookup)
+    # RobustNet's num_classes: the classes of the dataset (Cityscapes' 19 unless prepared
+    # from folders with its own class set).
+    num_classes = classes.of_dataset_dir(dataset_dir).num_classes
+    table = cached_table(
+        reader, dataset_dir, domain_config.label_map, settings["tile"], lookup, num_classes
+    )
     if not len(table.image):
         sizes = sorted({tuple(s) for s in table.label_size.tolist()})[:3]
         raise ValueError(
             f"{name}: no class-uniform centroids: class_uniform.tile={settings['tile']} has no "
             f"whole tile in labels of (height, width) {sizes}...; use a tile <= the label size"
         )
-    return Plan(table, settings["fraction"], seed)
+    return Plan(table, settings["fraction"], seed, num_classes)
 
 
 def examples(

@@ -1,7 +1,9 @@
 """Label spaces: Cityscapes train ids, class names, palette and id maps.
 
-Every dataset in jaxda is trained and evaluated in the Cityscapes 19-class train-id space
-(ids 0..18, 255 = ignore), as every DeepLabV2-era UDA method does (docs/methods/datasets.md).
+Every published dataset in jaxda is trained and evaluated in the Cityscapes 19-class train-id
+space (ids 0..18, 255 = ignore), as every DeepLabV2-era UDA method does
+(docs/methods/datasets.md); datasets prepared from your own folders may carry their own class
+set (jaxda/data/classes.py).
 """
 
 import numpy as np

@@ -16,8 +16,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from jaxda import mesh as mesh_lib
-from jaxda.data import input_pipeline
-from jaxda.data import labels as labels_lib
+from jaxda.data import classes, input_pipeline
 from jaxda.evaluation import inference, metrics, visualize
 
 RESULTS_FILE = "results.json"  # A run's summary, in its workdir.
@@ -56,7 +55,7 @@ class Evaluator:
             "head": self._head,
             "upsampling": "bilinear, align_corners=True",
             **self._settings.protocol(),
-            "evaluated_classes": [labels_lib.CITYSCAPES_CLASSES[c] for c in self.evaluated_classes],
+            "evaluated_classes": classes.names_for(config, self.evaluated_classes),
         }
 
     @property
@@ -135,14 +134,18 @@ class Evaluator:
         images = {}
         if examples:
             images["eval/predictions"] = visualize.panels(
-                examples["image"], examples["prediction"], examples["label"], self._config.data
+                examples["image"],
+                examples["prediction"],
+                examples["label"],
+                self._config.data,
+                classes.from_config(self._config),
             )
         return results, images
 
     def results_from_confusion(self, confusion: np.ndarray, step: int, num_examples=None) -> dict:
         """JSON-able results of an int64 [C, C] confusion matrix: mIoU (%) over the evaluated
         classes, the named subsets, per-class IoU, the step and the protocol."""
-        names = labels_lib.CITYSCAPES_CLASSES[: self._num_classes]
+        names = classes.names_for(self._config)[: self._num_classes]
         results = metrics.summarize(
             confusion,
             names,

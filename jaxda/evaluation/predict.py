@@ -3,10 +3,13 @@
 For every image (a file, or every .png/.jpg/.jpeg under a directory, recursively, sorted) this
 writes, under the output directory and the image's relative sub-directory:
 
-  <name>_color.png     the prediction in Cityscapes colours, at the image's original size
+  <name>_color.png     the prediction in the class set's colours (Cityscapes' by default; a
+                       folder dataset's classes.json), at the image's original size
   <name>_overlay.png   (1 - alpha) * image + alpha * colours (alpha: config.eval.overlay_alpha)
   <name>_labelIds.png  uint8 single-channel Cityscapes label ids (train ids mapped back), the
-                       format the official cityscapesScripts evaluation reads
+                       format the official cityscapesScripts evaluation reads (Cityscapes
+                       classes only)
+  <name>_classIds.png  uint8 single-channel class indices 0..C-1 (any other class set)
   <name>_logits.npy    with --save_logits: float32 [h, w, C] logits of config.eval.head on the
                        network's output grid (stride 8) for the input at data.eval.size: the
                        single whole-image pass, whatever config.eval.mode
@@ -27,7 +30,7 @@ import tensorflow as tf
 from absl import logging
 
 from jaxda import mesh as mesh_lib
-from jaxda.data import input_pipeline
+from jaxda.data import classes, input_pipeline
 from jaxda.data import labels as labels_lib
 from jaxda.evaluation import evaluator as evaluator_lib
 from jaxda.evaluation import inference, visualize
@@ -139,6 +142,7 @@ def predict(
     networks = run_lib.restore_networks(config, workdir, mesh_lib.make_mesh(1))
     predictor = Predictor(config, networks)
     out_root = pathlib.Path(output_dir).expanduser()
+    class_set = classes.from_config(config)
     for written, (path, relative) in enumerate(images):
         try:
             image = read_image(path)
@@ -149,11 +153,14 @@ def predict(
         predictions, logits = predictor(image, with_logits=save_logits)
         directory, name = out_root / relative.parent, relative.stem
         directory.mkdir(parents=True, exist_ok=True)
-        color = labels_lib.colorize(predictions)
+        color = class_set.colorize(predictions)
         write_png(directory / f"{name}_color.png", color)
         write_png(directory / f"{name}_overlay.png", visualize.overlay(image, color, alpha))
-        label_ids = labels_lib.train_ids_to_label_ids(predictions)
-        write_png(directory / f"{name}_labelIds.png", label_ids)
+        if class_set.is_cityscapes:
+            label_ids = labels_lib.train_ids_to_label_ids(predictions)
+            write_png(directory / f"{name}_labelIds.png", label_ids)
+        else:
+            write_png(directory / f"{name}_classIds.png", predictions.astype(np.uint8))
         if save_logits:
             np.save(directory / f"{name}_logits.npy", logits)
     eval_config = config.data.eval
@@ -171,6 +178,7 @@ def predict(
             **predictor.settings.protocol(),
         },
         "logits": "saved" if save_logits else "not saved",
+        "classes": list(class_set.names),
     }
     evaluator_lib.write_results(manifest, str(out_root / MANIFEST))
     logging.info("Wrote the predictions of %d images to %s", len(images), out_root)

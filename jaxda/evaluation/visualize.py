@@ -4,8 +4,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from jaxda.data import input_pipeline
-from jaxda.data import labels as labels_lib
+from jaxda.data import classes, input_pipeline
 
 
 def overlay(image: np.ndarray, color: np.ndarray, alpha: float) -> np.ndarray:
@@ -21,6 +20,7 @@ def panels(
     predictions: np.ndarray,
     labels: np.ndarray,
     data_config: ml_collections.ConfigDict,
+    class_set: classes.ClassSet = classes.CITYSCAPES,
 ) -> np.ndarray:
     """uint8 [n, H, 3W, 3]: input image | predicted colours | ground-truth colours per example.
 
@@ -29,11 +29,12 @@ def panels(
         when it differs).
       predictions, labels: [n, H, W] train ids at the label resolution (255 = ignore, black).
       data_config: config.data (the normalisation to undo).
+      class_set: the colours of the classes (`classes.from_config(config)`).
     """
     rgb = input_pipeline.denormalize(images, data_config)
     size = labels.shape[1:3]
     if rgb.shape[1:3] != size:
         resized = tf.image.resize(rgb, size, method="bilinear").numpy()
         rgb = np.clip(np.round(resized), 0, 255).astype(np.uint8)
-    colors = [labels_lib.colorize(predictions), labels_lib.colorize(labels)]
+    colors = [class_set.colorize(predictions), class_set.colorize(labels)]
     return np.concatenate([rgb, *colors], axis=2)

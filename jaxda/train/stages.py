@@ -11,11 +11,13 @@ exists, an offline pass whose manifest exists) and resumes the interrupted one i
 own checkpoints / chunks); `config.stage = NAME` (`:stage=NAME`) runs that stage alone.
 """
 
+import json
 import os
 
 import ml_collections
 from absl import logging
 
+from jaxda.data import classes
 from jaxda.evaluation import evaluator as evaluator_lib
 from jaxda.train import offline, trainer
 
@@ -93,11 +95,11 @@ def run_stage(config: ml_collections.ConfigDict, stage_dir: str):
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs `config` (all its stages, or `config.stage` alone); returns the last summary."""
     if not config.get("stage_order"):
-        return trainer.train_and_evaluate(config, workdir)
+        return trainer.train_and_evaluate(classes.resolve(config), workdir)
     names = [config.stage] if config.get("stage") else list(config.stage_order)
     summary = {}
     for name in names:
-        stage = stage_config(config, name, workdir)
+        stage = classes.resolve(stage_config(config, name, workdir))
         stage_dir = os.path.join(workdir, name)
         if is_finished(stage, stage_dir) and not config.get("stage"):
             logging.info("Stage %s is finished (%s); skipping it.", name, stage_dir)
@@ -109,12 +111,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def for_checkpoint(config: ml_collections.ConfigDict, workdir: str):
     """(config, workdir) whose checkpoint --mode=eval / predict read: `config.stage`, else the
-    last training stage; a config without stages is returned as it is."""
+    last training stage; a config without stages is returned as it is. Its class set follows
+    the prepared datasets, else the one the training run saved (`_saved_config`)."""
     if not config.get("stage_order"):
-        return config, workdir
+        return _resolve_classes(config, workdir), workdir
     names = [config.stage] if config.get("stage") else list(config.stage_order)
     for name in reversed(names):
         stage = stage_config(config, name, workdir)
         if not _is_offline(stage):
-            return stage, os.path.join(workdir, name)
+            stage_dir = os.path.join(workdir, name)
+            return _resolve_classes(stage, stage_dir), stage_dir
     raise ValueError(f"Stage(s) {names} hold no network to evaluate (offline passes only)")
+
+
+def _resolve_classes(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """`classes.resolve` for evaluation and prediction: unprepared datasets are skipped and the
+    training run's saved config (workdir/config.json) names the classes when none is left."""
+    path = os.path.join(workdir, "config.json")
+    saved = None
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+    return classes.resolve(config, missing_ok=True, fallback=saved)
