@@ -17,12 +17,16 @@ the config's initialisation), and what was skipped or ignored, by name. This fil
 intentionally short: all logic lives in `jaxda.interop`.
 """
 
-import sys
+import pickle
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxda.interop import convert, layouts
+from jaxda import cli
+
+cli.quiet_start()  # Before TensorFlow and JAX load: jaxda.interop imports them.
+
+from jaxda.interop import convert, layouts  # noqa: E402
 
 config_flags.DEFINE_config_file(
     "config", None, "Config file (path[:args]) describing the model.", lock_config=True
@@ -62,11 +66,13 @@ def main(argv):
             skip_head=FLAGS.skip_head,
             check_aspp=not FLAGS.skip_aspp_check,
         )
-    except (layouts.ConversionError, ImportError, FileNotFoundError) as e:
-        sys.exit(f"launch.convert: error: {e}")
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
+        if not cli.raised_in(e, "torch/serialization.py"):
+            raise
+        raise cli.CommandError(f"Cannot read {FLAGS['from'].value} with torch.load: {e}") from e
     print(report.format())
     print(f"Written under {FLAGS.out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)  # Expected errors (see jaxda.cli) print their message alone.

@@ -8,12 +8,14 @@
 This file is intentionally short: all logic lives in the importable `jaxda` library.
 """
 
-import logging as std_logging
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from jaxda import cli
+
+cli.quiet_start()  # Before TensorFlow and JAX load: the config file below imports them.
 
 config_flags.DEFINE_config_file("config", None, "Config file (path[:args]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
@@ -30,17 +32,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-def _quiet_orbax(record) -> bool:
-    """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if FLAGS.mode == "predict" and not (FLAGS.input and FLAGS.output):
         raise app.UsageError("--mode=predict needs --input=IMAGES_DIR_OR_FILE and --output=DIR")
-    logging.get_absl_handler().addFilter(_quiet_orbax)
     if FLAGS.config.deterministic_gpu_ops:
         # Must be set before JAX starts: GPU reductions then run in a fixed order, so the same
         # run twice gives the same numbers there too (CPU and TPU are deterministic anyway).
@@ -52,7 +48,6 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")
     import jax
 
-    from jaxda import checkpoints
     from jaxda.evaluation import predict
     from jaxda.evaluation import run as eval_run
     from jaxda.train import stages
@@ -63,26 +58,22 @@ def main(argv):
         jax.process_index(),
         jax.process_count(),
     )
-    try:
-        if FLAGS.mode == "train":  # Every stage of a multi-stage config, or its only one.
-            stages.run(FLAGS.config, FLAGS.workdir)
-            return
-        # A multi-stage config evaluates `:stage=NAME`, else its last training stage.
-        config, workdir = stages.for_checkpoint(FLAGS.config, FLAGS.workdir)
-        if FLAGS.mode == "eval":
-            eval_run.evaluate_checkpoint(config, workdir)
-        else:
-            predict.predict(
-                config,
-                workdir,
-                FLAGS.input,
-                FLAGS.output,
-                save_logits=FLAGS.save_logits,
-            )
-    except checkpoints.CheckpointMismatchError as error:
-        # Unreadable or mismatched checkpoints: the message says what to do; no traceback.
-        sys.exit(f"launch.main: error: {error}")
+    if FLAGS.mode == "train":  # Every stage of a multi-stage config, or its only one.
+        stages.run(FLAGS.config, FLAGS.workdir)
+        return
+    # A multi-stage config evaluates `:stage=NAME`, else its last training stage.
+    config, workdir = stages.for_checkpoint(FLAGS.config, FLAGS.workdir)
+    if FLAGS.mode == "eval":
+        eval_run.evaluate_checkpoint(config, workdir)
+    else:
+        predict.predict(
+            config,
+            workdir,
+            FLAGS.input,
+            FLAGS.output,
+            save_logits=FLAGS.save_logits,
+        )
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)  # Expected errors (see jaxda.cli) print their message alone.
