@@ -21,6 +21,7 @@ from jaxda.data import subsets
 from jaxda.data.builders import (  # noqa: F401  (importing registers the builders)
     bdd100k,
     cityscapes,
+    folder,
     gta5,
     mapillary,
     synthetic_shift,
@@ -56,6 +57,16 @@ def default_data_dir(data_dir: str | None) -> str:
 
 def _not_prepared_message(name: str, data_dir: str) -> str:
     base = name.split("/", maxsplit=1)[0]
+    if base == folder.FolderBuilder.name:
+        config = name.partition("/")[2] or "NAME"
+        prepared = _prepared_folder_datasets(data_dir)
+        return (
+            f"Dataset {name!r} is not prepared in data_dir={data_dir!r}. Build it from your "
+            f"image folder with: python -m launch.prepare --dataset=folder --name={config} "
+            f"--manual_dir=DIR --images=GLOB [--labels=PATTERN --label_format=FORMAT "
+            f"--classes=classes.json] --data_dir={data_dir} (flags: jaxda/data/builders/"
+            f"folder.py). Folder datasets prepared there: {', '.join(prepared) or 'none'}."
+        )
     builder = DOWNLOADED.get(base) or _REPLACED.get(base)
     if builder is None:
         how = (
@@ -79,9 +90,33 @@ def _not_prepared_message(name: str, data_dir: str) -> str:
     )
 
 
+def _prepared_folder_datasets(data_dir: str) -> list[str]:
+    """The names of the folder datasets prepared in `data_dir` ('folder/NAME')."""
+    root = os.path.join(data_dir, folder.FolderBuilder.name)
+    version = str(folder.FolderBuilder.VERSION)
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return []
+    return [
+        f"folder/{n}"
+        for n in names
+        if os.path.exists(os.path.join(root, n, version, "dataset_info.json"))
+    ]
+
+
 def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
-    """The prepared builder for `name`; built-in datasets are generated on first use."""
+    """The prepared builder for `name`; built-in datasets are generated on first use.
+
+    'folder/NAME' (the user's own folders, `launch.prepare --dataset=folder`) is read from its
+    files (`tfds.builder_from_directory`): its builder class holds no options to rebuild it.
+    """
     data_dir = default_data_dir(data_dir)
+    if name.split("/", maxsplit=1)[0] == folder.FolderBuilder.name:
+        if name not in _prepared_folder_datasets(data_dir):
+            raise DatasetNotPreparedError(_not_prepared_message(name, data_dir))
+        version = str(folder.FolderBuilder.VERSION)
+        return tfds.builder_from_directory(os.path.join(data_dir, name, version))
     try:
         builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     except tfds.core.registered.DatasetNotFoundError:

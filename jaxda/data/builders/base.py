@@ -307,11 +307,16 @@ class ManualSegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registrati
         train.skipped = image_others + label_others + train.skipped
         return {"train": train}
 
+    def _description(self) -> str:
+        return (
+            f"{self.TITLE}, labels mapped to the 19 Cityscapes train ids (255 = ignore); "
+            f"{self.IMAGES_NOTE}"
+        )
+
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
-            description=f"{self.TITLE}, labels mapped to the 19 Cityscapes train ids (255 = "
-            f"ignore); {self.IMAGES_NOTE}",
+            description=self._description(),
             features=tfds.features.FeaturesDict(
                 {
                     "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
@@ -340,8 +345,13 @@ class ManualSegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registrati
             raise ManualDataError(problems_message(f"{self.TITLE}: unusable files", unpaired))
         return {split: self._generate_examples(split, plan, root) for split, plan in plans.items()}
 
+    def _split_stats(self, plan: SplitPlan) -> SplitStats:
+        """Empty statistics of a split about to be generated (a subclass may count otherwise:
+        `stats.label_id_pixels += histogram` adds each example's histogram)."""
+        return SplitStats(np.zeros(len(self.LABEL_TABLE), np.int64), skipped=list(plan.skipped))
+
     def _generate_examples(self, split: str, plan: SplitPlan, root: str):
-        stats = SplitStats(np.zeros(len(self.LABEL_TABLE), np.int64), skipped=list(plan.skipped))
+        stats = self._split_stats(plan)
         self.split_stats[split] = stats
         with ManualFiles(root) as files:
             work = ordered_map(lambda p: self._make_example(files, p), plan.pairs, self.num_workers)
