@@ -26,7 +26,13 @@ from configs import common
 
 def get_config(arg=None):
     args = common.parse_arg(
-        arg, synthetic=False, source="gta5", single=False, ls=False, model="deeplab_v2"
+        arg,
+        synthetic=False,
+        folders=False,
+        source="gta5",
+        single=False,
+        ls=False,
+        model="deeplab_v2",
     )
     config = common.base_config()
     config.method = "adaptseg"
@@ -43,4 +49,6 @@ def get_config(arg=None):
         config.adversarial.gan = "ls"
         if args.single and not args.synthetic:
             config.adversarial.lambda_adv.main = 0.01  # The README's single-level LS-GAN value.
+    if args.folders:
+        common.use_folders(config)
     return config

@@ -20,11 +20,13 @@ from configs import common
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg, synthetic=False, source="gta5", model="deeplab_v2")
+    args = common.parse_arg(arg, synthetic=False, folders=False, source="gta5", model="deeplab_v2")
     config = common.advent_config("advent")
     config.adversarial = common.adversarial_block(0.001, 0.0002)
     common.select_data(config, args)
     common.select_model(config, args)
     if args.synthetic:
         config.adversarial = common.adversarial_block(0.01, 0.002)
+    if args.folders:
+        common.use_folders(config)
     return config

@@ -119,7 +119,11 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "source_only"
     c.seed = 1234
-    c.num_classes = 19
+    c.num_classes = 19  # 0 = the size of the datasets' class set.
+    # Class names and RGB colours (evaluation tables, prediction colours); () = those of the
+    # datasets: a folder dataset prepared with --classes carries its own, others Cityscapes'.
+    c.class_names = ()
+    c.class_colors = ()
     c.total_steps = 150_000
     c.batch_size = 1  # Global: examples per domain per step, split over all devices.
     c.num_devices = 0  # 0 = every device.
@@ -252,6 +256,7 @@ def select_data(c: ml_collections.ConfigDict, args: ml_collections.ConfigDict) -
     """Applies the data arguments every method config takes: `synthetic` or `source=...`."""
     if args.source not in SOURCES:
         raise ValueError(f"Unknown source={args.source!r}; use one of {SOURCES}")
+    check_variants(args)
     if args.synthetic and args.source != "gta5":
         raise ValueError("`synthetic` and `source=...` exclude each other")
     if args.synthetic:
@@ -413,6 +418,52 @@ def use_synthetic(c: ml_collections.ConfigDict) -> None:
     # The benchmark's mIoU averages over the classes the generator draws, as SYNTHIA's
     # mIoU-16 averages over its 16 classes; the model still predicts all 19.
     c.eval.classes = synthetic.SCENE_CLASSES
+
+
+# The `folders` variant: the folder datasets it reads (`launch.prepare --dataset=folder
+# --name=NAME`), as (TFDS name, split) per stream, and the size every image is resized to.
+FOLDER_STREAMS = {
+    "source": ("folder/source", "train"),
+    "target": ("folder/target", "train"),
+    "eval": ("folder/target", "validation"),
+}
+FOLDER_SIZE = (512, 1024)
+
+
+def use_folders(c: ml_collections.ConfigDict) -> None:
+    """Switches a method's config (applied last) to the user's own folder datasets.
+
+    Streams read FOLDER_STREAMS (labelled source 'train', unlabelled target 'train', labelled
+    target 'validation'; other names with --config.data.<stream>.name/split). Every image is
+    resized to FOLDER_SIZE (height, width), since folder images may have any size; training
+    streams without the method's own augmentation get DeepLab's rescale by U(0.5, 1.5), cropped
+    back, and flips. The class set follows the datasets (num_classes 0); the mIoU averages
+    all classes; the evaluation runs at FOLDER_SIZE on the original labels, one image a batch.
+    Network, normalisation, optimiser and schedule stay the method's published ones (the
+    normalisation is what its ImageNet initialisation expects).
+    """
+    c.num_classes = 0
+    c.class_names, c.class_colors = (), ()
+    c.eval.classes, c.eval.class_subsets = (), {}
+    c.eval.datasets, c.eval.datasets_order = {}, ()
+    for key, (name, split) in FOLDER_STREAMS.items():
+        if key not in c.data:
+            continue
+        stream = c.data[key]
+        stream.name, stream.split, stream.subset, stream.label_map = name, split, "", ""
+        stream.size = FOLDER_SIZE
+        own_augmentation = stream.random_scale or stream.crop_size or stream.views or stream.group
+        if key != "eval" and not own_augmentation:
+            stream.random_scale = (0.5, 1.5)
+            stream.flip = True
+    c.data.eval.label_size = None
+    c.data.eval.batch_size = 1
+
+
+def check_variants(args: ml_collections.ConfigDict) -> None:
+    """`folders` excludes `synthetic` and `source=...`."""
+    if args.get("folders") and (args.get("synthetic") or args.get("source", "gta5") != "gta5"):
+        raise ValueError("`folders` excludes `synthetic` and `source=...`")
 
 
 def dg_eval_dataset(

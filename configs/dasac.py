@@ -152,7 +152,7 @@ def _stages(args, synthetic: bool) -> dict:
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg, synthetic=False, source="gta5", stage="", init="")
+    args = common.parse_arg(arg, synthetic=False, folders=False, source="gta5", stage="", init="")
     if args.source not in ("gta5", "synthia"):
         raise ValueError(f"configs/dasac.py: source={args.source!r}; use gta5 or synthia")
     config = common.base_config()
@@ -210,4 +210,6 @@ def get_config(arg=None):
     config.stage_order = ("abn", "is_weights", "sac")
     config.stages = ml_collections.ConfigDict(_stages(args, args.synthetic))
     config.stage = args.stage
+    if args.folders:
+        common.use_folders(config)
     return config

@@ -31,7 +31,13 @@ from configs import common
 
 def get_config(arg=None):
     args = common.parse_arg(
-        arg, synthetic=False, source="gta5", model="deeplab_v2", iw=False, multi=False
+        arg,
+        synthetic=False,
+        folders=False,
+        source="gta5",
+        model="deeplab_v2",
+        iw=False,
+        multi=False,
     )
     config = common.base_config()
     config.method = "maxsquare"
@@ -58,4 +64,6 @@ def get_config(arg=None):
             stream.flip, stream.blur_prob, stream.blur_sigma = True, 0.5, (0.0, 1.0)
         if args.iw and args.multi:
             config.data.target.size = (640, 1280)
+    if args.folders:
+        common.use_folders(config)
     return config

@@ -195,7 +195,9 @@ def _stages(config, args, synthetic: bool) -> dict:
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg, synthetic=False, source="gta5", stage="", init="", simclr="")
+    args = common.parse_arg(
+        arg, synthetic=False, folders=False, source="gta5", stage="", init="", simclr=""
+    )
     if args.source not in ("gta5", "synthia"):
         raise ValueError(f"configs/proda.py: source={args.source!r}; use gta5 or synthia")
     config = common.base_config()
@@ -249,4 +251,6 @@ def get_config(arg=None):
     )  # fmt: skip
     config.stages = ml_collections.ConfigDict(_stages(config, args, args.synthetic))
     config.stage = args.stage
+    if args.folders:
+        common.use_folders(config)
     return config

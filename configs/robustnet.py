@@ -115,7 +115,8 @@ def photometric_pairs(name: str, split: str, size=None, blur_radius=(0.15, 1.3))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = common.parse_arg(arg, synthetic=False, norm="isw", source="gta5", init="")
+    args = common.parse_arg(arg, synthetic=False, folders=False, norm="isw", source="gta5", init="")
+    common.check_variants(args)
     if args.norm not in NORMS:
         raise ValueError(f"Unknown norm={args.norm!r}; use one of {sorted(NORMS)}")
     if args.source not in SOURCES:
@@ -161,6 +162,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.whitening = whitening_block(kind, weight, relax_denom, pairs)
     # Steps per epoch of 16: 12,388 GTA5, 6,580 SYNTHIA, 2,975 Cityscapes training images.
     c.whitening.epoch_steps = {"gta5": 774, "synthia": 411, "cityscapes": 185}[args.source]
+    if args.folders:
+        common.use_folders(c)
     return c
 
 

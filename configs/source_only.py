@@ -15,9 +15,11 @@ from configs import common
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg, synthetic=False, source="gta5", model="deeplab_v2")
+    args = common.parse_arg(arg, synthetic=False, folders=False, source="gta5", model="deeplab_v2")
     config = common.base_config()
     config.method = "source_only"
     common.select_data(config, args)
     common.select_model(config, args)
+    if args.folders:
+        common.use_folders(config)
     return config

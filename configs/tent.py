@@ -25,7 +25,13 @@ from configs import common
 
 def get_config(arg=None):
     args = common.parse_arg(
-        arg, synthetic=False, source="gta5", model="deeplab_v2", norm=False, episodic=False
+        arg,
+        synthetic=False,
+        folders=False,
+        source="gta5",
+        model="deeplab_v2",
+        norm=False,
+        episodic=False,
     )
     config = common.base_config()
     config.method = "bn_adapt" if args.norm else "tent"
@@ -54,4 +60,6 @@ def get_config(arg=None):
     # One step per evaluation batch; checkpoints as often as a long pass needs.
     config.checkpoint_every_steps = 100
     config.log_every_steps = 10
+    if args.folders:
+        common.use_folders(config)
     return config

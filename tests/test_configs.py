@@ -169,3 +169,30 @@ def test_dasac_stage_configs(arg, tmp_path):
     alone.init_from = "/runs/abn"
     sac = stages.stage_config(alone, "sac", workdir)
     assert sac.init_from == "/runs/abn" and "seg" not in sac.init
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["adaptseg", "advent", "minent", "maxsquare", "source_only", "oracle", "tent", "proda",
+     "dasac", "robustnet"],
+)  # fmt: skip
+def test_folders_variant_reads_the_folder_datasets(name, tmp_path):
+    """`:folders` of every method: the folder datasets at FOLDER_SIZE, the class set from the
+    datasets, no published-dataset leftovers; an unprepared one names the prepare command."""
+    import importlib
+
+    from jaxda.data import classes
+
+    module = importlib.import_module(f"configs.{name}")
+    config = module.get_config("folders")
+    source = ("folder/target", "train") if name == "oracle" else common.FOLDER_STREAMS["source"]
+    assert (config.data.source.name, config.data.source.split) == source
+    assert (config.data.eval.name, config.data.eval.split) == common.FOLDER_STREAMS["eval"]
+    assert config.data.source.size == config.data.eval.size == common.FOLDER_SIZE
+    assert config.data.source.random_scale and not config.data.source.subset
+    assert config.num_classes == 0 and config.eval.classes == () and not config.eval.datasets
+    config.data.data_dir = str(tmp_path)
+    with pytest.raises(sources.DatasetNotPreparedError, match="--dataset=folder --name="):
+        classes.resolve(config)
+    with pytest.raises(ValueError, match="`folders` excludes"):
+        module.get_config("folders,synthetic")
