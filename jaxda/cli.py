@@ -146,7 +146,8 @@ def _quiet_tfds(progress: bool) -> None:
 
     if not progress:
         tfds.disable_progress_bar()
-    # TFDS prints these ("Downloading and preparing dataset Unknown size ...") to stdout, where the results go; jaxda logs its own line instead.
+    # TFDS prints these ("Downloading and preparing dataset Unknown size ...") to stdout, where
+    # the results go; jaxda logs its own line instead.
     for name in ("_log_download_bytes", "_log_download_done"):
         if hasattr(dataset_builder.DatasetBuilder, name):
             setattr(dataset_builder.DatasetBuilder, name, lambda self: None)
