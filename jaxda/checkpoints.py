@@ -315,6 +315,9 @@ class Checkpointer:
 
     def _set_aside(self, steps: list[int]) -> list[str]:
         """Renames step directories out of orbax's view; returns their new names."""
+        key = "_".join(map(str, steps))
+        # Every host picks the new names before process 0 renames (and so changes) anything.
+        ocp.utils.sync_global_processes(f"jaxda_set_aside_names_{key}")
         names = []
         for step in steps:
             target = self.directory / f"{step}{_UNREADABLE_SUFFIX}"
@@ -326,7 +329,7 @@ class Checkpointer:
                 (self.directory / str(step)).rename(target)
             names.append(target.name)
         # Other hosts must not list the steps again before the rename.
-        ocp.utils.sync_global_processes(f"jaxda_set_aside_{'_'.join(map(str, steps))}")
+        ocp.utils.sync_global_processes(f"jaxda_set_aside_{key}")
         self._manager.reload()
         return names
 

@@ -17,11 +17,20 @@ DATA_AXIS = "data"
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh over the first `num_devices` devices (all when None)."""
-    devices = jax.devices()
+    """A 1-D mesh over the first `num_devices` devices (all when None).
+
+    Devices are ordered by process, so process i's devices hold rows i * b .. (i + 1) * b - 1
+    of a global batch: the slice `input_pipeline` has it read.
+    """
+    devices = sorted(jax.devices(), key=lambda d: d.process_index)  # Stable: ids within.
     if num_devices is not None:
         if not 1 <= num_devices <= len(devices):
             raise ValueError(f"num_devices={num_devices} but {len(devices)} devices are available")
+        if jax.process_count() > 1 and num_devices != len(devices):
+            raise ValueError(
+                f"config.num_devices={num_devices}: a run of {jax.process_count()} processes "
+                f"uses all {len(devices)} devices (set config.num_devices=0)"
+            )
         devices = devices[:num_devices]
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 

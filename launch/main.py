@@ -4,18 +4,21 @@
   python -m launch.main --config=configs/adaptseg.py:synthetic --workdir=/tmp/adaptseg --mode=eval
   python -m launch.main --config=configs/adaptseg.py:synthetic --workdir=/tmp/adaptseg \
       --mode=predict --input=IMAGES_DIR_OR_FILE --output=OUT_DIR [--save_logits]
+  # Several hosts (see jaxda/distributed.py): the same command on each, with its process id.
+  python -m launch.main ... --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
 
 This file is intentionally short: all logic lives in the importable `jaxda` library.
 """
 
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from jaxda import cli
+from jaxda import cli, distributed
 
 cli.quiet_start()  # Before TensorFlow and JAX load: the config file below imports them.
+distributed.define_flags()  # --coordinator_address, --num_processes, --process_id, ...
 
 config_flags.DEFINE_config_file("config", None, "Config file (path[:args]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
@@ -37,6 +40,8 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if FLAGS.mode == "predict" and not (FLAGS.input and FLAGS.output):
         raise app.UsageError("--mode=predict needs --input=IMAGES_DIR_OR_FILE and --output=DIR")
+    if FLAGS.mode == "predict" and distributed.requested():
+        raise app.UsageError("--mode=predict runs on one process: drop the multi-host flags")
     if FLAGS.config.deterministic_gpu_ops:
         # Must be set before JAX starts: GPU reductions then run in a fixed order, so the same
         # run twice gives the same numbers there too (CPU and TPU are deterministic anyway).
@@ -46,18 +51,13 @@ def main(argv):
 
     # tf.data only runs the input pipeline; keep TensorFlow off any accelerator.
     tf.config.set_visible_devices([], "GPU")
-    import jax
 
+    # Multi-host runs join the other processes before JAX picks its devices.
+    distributed.initialize_from_flags()
     from jaxda.evaluation import predict
     from jaxda.evaluation import run as eval_run
     from jaxda.train import stages
 
-    logging.info(
-        "JAX devices: %s (process %d of %d)",
-        jax.devices(),
-        jax.process_index(),
-        jax.process_count(),
-    )
     if FLAGS.mode == "train":  # Every stage of a multi-stage config, or its only one.
         stages.run(FLAGS.config, FLAGS.workdir)
         return

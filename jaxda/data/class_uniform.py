@@ -22,6 +22,7 @@ The crop of a centroid item covers the centroid scaled with the image (`augment.
 import concurrent.futures
 import itertools
 import os
+import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
@@ -163,7 +164,8 @@ def cached_table(
     table = compute_table(
         (reader[i]["label"] for i in range(len(reader))), tile, num_classes, lookup
     )
-    tmp = f"{path}.tmp{os.getpid()}.npz"
+    # Host and pid: processes on several hosts may share the directory, and pids repeat.
+    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}.npz"
     try:
         np.savez(tmp, **table._asdict(), **{f"meta_{k}": v for k, v in meta.items()})
         os.replace(tmp, path)  # Atomic: concurrent processes write the same table.

@@ -8,12 +8,10 @@ with no iterator state to save. Every process reads its slice of each global bat
 global batch (and the result) does not depend on the number of hosts or devices. Optional
 training augmentations (`augment`) are seeded by (seed, position) too, so they resume exactly.
 
-A training stream with `views` yields several independently augmented views of each example
-(e.g. ProDA's weak and strong views), each with the `box` and `flip` that place it in the
-example's frame (see `jaxda.data.geometry`). A stream with `strong` also gets ProDA's
-RandAugment view of one of them, with the geometry that moves maps onto it
-(`jaxda.data.randaugment`, `geometry.to_strong`). One with `group` yields DA-SAC's groups of
-views of each augmented example (`jaxda.data.view_groups`).
+A stream with `views` yields independently augmented views of each example (ProDA's weak and
+strong), each with the `box` and `flip` placing it in the example's frame (`geometry`); with
+`strong`, ProDA's RandAugment view of one of them and the geometry moving maps onto it
+(`randaugment`, `geometry.to_strong`); with `group`, DA-SAC's groups of views (`view_groups`).
 """
 
 from collections.abc import Iterator, Sequence
@@ -403,7 +401,9 @@ def train_iterator(
     dataset = dataset.batch(local_batch, drop_remainder=True)
     if domain_config.get("group"):
         dataset = dataset.map(view_groups.flatten_batch)
-    return dataset.prefetch(2).as_numpy_iterator()
+    options = tf.data.Options()  # Autotuning's thread delayed the stream's deletion by <= 60 s;
+    options.autotune.enabled = False  # maps then run min(16, cores) calls, its starting point.
+    return dataset.prefetch(2).with_options(options).as_numpy_iterator()
 
 
 def eval_iterator(

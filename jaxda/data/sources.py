@@ -9,6 +9,7 @@ therefore resumable exactly (see `input_pipeline`).
 
 import json
 import os
+import socket
 import struct
 from collections.abc import Sequence
 
@@ -135,6 +136,12 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
         # the barrier counts agree even if processes saw the files at different moments.
         multihost_utils.sync_global_devices(f"jaxda: built-in dataset {name} ready")
         builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        if not builder.is_prepared():
+            raise DatasetNotPreparedError(
+                f"Process 0 generated {name!r} into data_dir={data_dir!r}, which process "
+                f"{jax.process_index()} does not see there: put data_dir on storage every host "
+                "shares, or copy the prepared dataset to the same path on every host."
+            )
     return builder
 
 
@@ -188,7 +195,8 @@ class SplitReader(Sequence):
                 return json.load(f)
         ids = [self._source[i]["image_id"] for i in range(len(self._source))]
         ids = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
-        tmp = f"{path}.tmp{os.getpid()}"
+        # Host and pid: processes on several hosts may share the directory, and pids repeat.
+        tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(ids, f)
         os.replace(tmp, path)  # Atomic: concurrent processes write the same list.

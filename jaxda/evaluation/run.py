@@ -4,6 +4,7 @@ import dataclasses
 import os
 from typing import Any
 
+import jax
 import ml_collections
 
 from jaxda import checkpoints, models
@@ -81,7 +82,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         name = f"eval_mode_step_{step:07d}{suffix}.json"
         title = f"Target mIoU of the checkpoint of step {step}:"
         run_name, variables = f"step_{step:07d}", networks.members[0]
-    evaluator_lib.write_results(results, os.path.join(workdir, "eval", name))
+    if jax.process_index() == 0:  # Every process computed the same results.
+        evaluator_lib.write_results(results, os.path.join(workdir, "eval", name))
     print(metrics.format_table(results, title))
     if config.eval.get("datasets"):
         listed = datasets_lib.evaluate(
