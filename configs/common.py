@@ -23,6 +23,23 @@ NORMALIZATIONS = {
 
 SYNTHETIC_DATASET = "synthetic_shift/64x128"
 
+# config.model.conv_impl, the convolution of every network of a run (segmentation network and
+# discriminators; jaxda/models/layers.py): 'xla' (XLA's own), 'fast' (XLA's forward and input
+# gradient, weight gradient as matrix products: jaxda/models/fast_conv.py) or 'auto' ('fast'
+# on CPU, where it makes the DeepLabV2-R101 train step 3x faster, `python
+# benchmarks/speed_benchmark.py`; 'xla' on GPU and TPU, where 'fast' is not measured yet).
+# Results differ by float rounding only; checkpoints are the same either way.
+CONV_IMPL = "auto"
+# The synthetic benchmark's small networks keep XLA's own: 'fast' does not make them faster
+# (an AdaptSegNet run took 211 s against 229 s), and XLA's keeps the README's synthetic
+# results reproducible bit for bit. Training amplifies rounding differences as it amplifies a
+# change of seed: 'fast' alone moves the default-seed AdaptSegNet mIoU from 29.00 to 30.43.
+SYNTHETIC_CONV_IMPL = "xla"
+# config.model.dtype: 'float32', or 'bfloat16' (mixed precision: convolutions compute in
+# bfloat16; parameters, BatchNorm, losses and optimiser state stay float32; for GPUs and TPUs,
+# slower on CPU; `jaxda.models.layers.Convolution`).
+DTYPE = "float32"
+
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     """Parses 'synthetic,source=gta5' into a ConfigDict of the declared `defaults`.
@@ -144,6 +161,14 @@ def base_config() -> ml_collections.ConfigDict:
     # config.data stream it reads in split order, and its global batch size.
     c.offline = ml_collections.ConfigDict({"pass": "", "stream": "target", "batch_size": 8})
     c.deterministic_gpu_ops = True  # Bit-reproducible GPU runs, at some speed cost.
+    # Precision of float32 matrix products and convolutions (jax_default_matmul_precision):
+    # 'default' is XLA's choice (TensorFloat-32 on NVIDIA Ampere and later, as PyTorch's
+    # convolutions by default; bfloat16 passes on TPU; full float32 on CPU); 'float32' (or
+    # 'highest') forces full float32 everywhere; 'tensorfloat32', 'bfloat16' likewise.
+    c.matmul_precision = "default"
+    # XLA:CPU's memory-optimised scheduler (jaxda/runtime.py): less peak memory of a train
+    # step, a slower step. CPU only.
+    c.cpu_memory_scheduler = False
 
     c.model = ml_collections.ConfigDict(
         {
@@ -159,6 +184,11 @@ def base_config() -> ml_collections.ConfigDict:
             # frozen: running statistics, affine frozen; train: batch statistics, affine trained;
             # frozen_stats: running statistics, affine trained (DA-SAC's SAC stage).
             "bn_mode": "batch_stats",
+            "conv_impl": CONV_IMPL,
+            "dtype": DTYPE,
+            # Recompute each ResNet block's activations in the backward pass instead of
+            # keeping them: less memory for one more backbone forward of compute.
+            "remat": False,
         }
     )
     # 'adaptseg' (AdaptSegNet/ADVENT: 4x4 kernels, LeakyReLU) or 'proda' (3x3, ReLU).
@@ -318,9 +348,13 @@ def use_deeplabv3plus(c: ml_collections.ConfigDict, synthetic: bool = False) -> 
             "dropout": False,
             # As in base_config; both references train BN (SyncBN) with its affine.
             "bn_mode": "train",
+            "conv_impl": CONV_IMPL,  # As in base_config.
+            "dtype": DTYPE,  # As in base_config.
+            "remat": False,  # As in base_config.
         }
     )
     if synthetic:
+        c.model.conv_impl = SYNTHETIC_CONV_IMPL
         c.model.stage_sizes = (1, 1, 1, 1)
         c.model.width = 8
         c.model.head_width = 64
@@ -400,6 +434,7 @@ def use_synthetic(c: ml_collections.ConfigDict) -> None:
     c.log_every_steps = 50
     c.eval_every_steps = 200
     c.checkpoint_every_steps = 200
+    c.model.conv_impl = SYNTHETIC_CONV_IMPL
     c.model.stage_sizes = (1, 1, 1, 1)
     c.model.width = 8
     c.model.aspp_dilations = (1, 2, 3, 4)

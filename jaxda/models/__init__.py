@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxda.models import deeplab_v2, deeplab_v3plus, discriminators, proda
+from jaxda.models import deeplab_v2, deeplab_v3plus, discriminators, layers, proda
 
 SEGMENTERS = {
     "deeplab_v2": deeplab_v2.DeepLabV2,
@@ -38,10 +38,18 @@ def build_segmenter(model_config: ml_collections.ConfigDict, num_classes: int):
     return cls.from_config(model_config, num_classes)
 
 
-def build_discriminator(disc_config: ml_collections.ConfigDict):
-    """The output-space discriminator of `config.discriminator` (name 'fc' by default)."""
+def build_discriminator(
+    disc_config: ml_collections.ConfigDict,
+    model_config: ml_collections.ConfigDict | None = None,
+):
+    """The output-space discriminator of `config.discriminator` (name 'fc' by default).
+
+    Its convolutions run as `model_config`'s (config.model.conv_impl and dtype: one switch for
+    every network of a run); XLA's own in float32 without one.
+    """
     cls = _lookup(DISCRIMINATORS, disc_config.get("name", "fc"), "config.discriminator.name")
-    return cls.from_config(disc_config)
+    convolution = layers.Convolution.from_config(model_config or {})
+    return cls.from_config(disc_config, convolution)
 
 
 def param_groups(module, params: Mapping) -> dict:

@@ -21,6 +21,7 @@ class ASPPClassifier(nn.Module):
     num_classes: int
     dilations: Sequence[int] = (6, 12, 18, 24)
     num_branches: int = 4
+    convolution: layers.Convolution = layers.DEFAULT_CONVOLUTION  # `layers.CONV_IMPLS`.
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -30,9 +31,10 @@ class ASPPClassifier(nn.Module):
             )
         out = 0.0
         for i, d in enumerate(self.dilations[: self.num_branches]):
-            out = out + nn.Conv(
+            out = out + layers.conv(
                 self.num_classes,
                 (3, 3),
+                convolution=self.convolution,
                 kernel_dilation=(d, d),
                 padding=((d, d), (d, d)),
                 kernel_init=layers.deeplab_kernel_init,
@@ -52,6 +54,8 @@ class DeepLabV2(nn.Module):
       train_batch_stats: in training mode, BN normalises with the batch statistics and updates
         the running averages (AdaptSegNet/ADVENT call `model.train()` although BN affine is
         frozen). False keeps BN on running statistics in training too ("fully frozen").
+      convolution: how every conv runs (`layers.Convolution`).
+      remat: recompute the backbone's blocks in the backward pass (`resnet.ResNet.remat`).
     """
 
     # Learning-rate groups (see `jaxda.models.param_groups`): the classifiers are new layers.
@@ -68,6 +72,8 @@ class DeepLabV2(nn.Module):
     num_aspp_branches: int = 4
     multi_level: bool = True
     train_batch_stats: bool = True
+    convolution: layers.Convolution = layers.DEFAULT_CONVOLUTION
+    remat: bool = False
 
     @nn.compact
     def __call__(
@@ -86,6 +92,8 @@ class DeepLabV2(nn.Module):
             stage_sizes=self.stage_sizes,
             width=self.width,
             use_running_average=use_running_average,
+            convolution=self.convolution,
+            remat=self.remat,
             name="backbone",
         )(images, bn_mask)
         for name, value in features.items():
@@ -93,8 +101,9 @@ class DeepLabV2(nn.Module):
 
         def head(name):
             return ASPPClassifier(
-                self.num_classes, self.aspp_dilations, self.num_aspp_branches, name=name
-            )
+                self.num_classes, self.aspp_dilations, self.num_aspp_branches, self.convolution,
+                name=name,
+            )  # fmt: skip
 
         outputs = {"main": head("head_main")(features["layer4"])}
         if self.multi_level:
@@ -104,7 +113,7 @@ class DeepLabV2(nn.Module):
     @classmethod
     def from_config(cls, model_config: ml_collections.ConfigDict, num_classes: int):
         """From config.model: depth (or stage_sizes), width, aspp_dilations,
-        num_aspp_branches, multi_level, bn_mode (`layers.BN_MODES`)."""
+        num_aspp_branches, multi_level, bn_mode (`layers.BN_MODES`), conv_impl, dtype, remat."""
         return cls(
             num_classes=num_classes,
             stage_sizes=layers.stage_sizes(model_config, resnet.STAGE_SIZES),
@@ -113,6 +122,8 @@ class DeepLabV2(nn.Module):
             num_aspp_branches=model_config.num_aspp_branches,
             multi_level=model_config.multi_level,
             train_batch_stats=layers.train_batch_stats(model_config.bn_mode),
+            convolution=layers.Convolution.from_config(model_config),
+            remat=model_config.get("remat", False),
         )
 
 

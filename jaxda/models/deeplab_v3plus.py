@@ -22,6 +22,7 @@ is a broadcast in any mode. Dropout is element-wise (nn.Dropout) except the aux 
 channel-wise Dropout2d, and needs a 'dropout' rng in training (`apply(..., rngs=...)`).
 """
 
+import functools
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -51,13 +52,15 @@ class ConvBNReLU(nn.Module):
     dilation: int = 1
     use_bias: bool = False
     use_running_average: bool = True
+    convolution: layers.Convolution = layers.DEFAULT_CONVOLUTION  # `layers.CONV_IMPLS`.
 
     @nn.compact
     def __call__(self, x: jax.Array, bn_mask: jax.Array | None = None) -> jax.Array:
         pad = self.dilation * (self.kernel - 1) // 2
-        x = nn.Conv(
+        x = layers.conv(
             self.features,
             (self.kernel, self.kernel),
+            convolution=self.convolution,
             kernel_dilation=(self.dilation, self.dilation),
             padding=((pad, pad), (pad, pad)),
             use_bias=self.use_bias,
@@ -68,7 +71,9 @@ class ConvBNReLU(nn.Module):
         return nn.relu(norm(x, mask=bn_mask))
 
 
-def _classifier(num_classes: int, variant: str, fan_in: int, name: str) -> nn.Conv:
+def _classifier(
+    num_classes: int, variant: str, fan_in: int, name: str, convolution: layers.Convolution
+) -> nn.Conv:
     # RobustNet zeroes head biases; jfzhang95 leaves the classifier bias at PyTorch's default.
     if variant == "robustnet":
         bias_init = nn.initializers.zeros
@@ -76,7 +81,10 @@ def _classifier(num_classes: int, variant: str, fan_in: int, name: str) -> nn.Co
         bias_init = lambda k, s, d=jnp.float32: layers.torch_default_uniform(  # noqa: E731
             k, s, d, fan_in=fan_in
         )
-    return nn.Conv(num_classes, (1, 1), kernel_init=kaiming_fan_in, bias_init=bias_init, name=name)
+    return layers.conv(
+        num_classes, (1, 1), convolution=convolution, kernel_init=kaiming_fan_in,
+        bias_init=bias_init, name=name,
+    )  # fmt: skip
 
 
 class ASPP(nn.Module):
@@ -89,13 +97,14 @@ class ASPP(nn.Module):
     rates: Sequence[int] = (6, 12, 18)
     variant: str = "robustnet"
     use_running_average: bool = True
+    convolution: layers.Convolution = layers.DEFAULT_CONVOLUTION
 
     @nn.compact
     def __call__(self, x, bn_mask=None, deterministic: bool = True) -> jax.Array:
         def unit(kernel, name, dilation=1):
             return ConvBNReLU(
                 self.width, kernel, dilation, use_running_average=self.use_running_average,
-                name=name,
+                convolution=self.convolution, name=name,
             )  # fmt: skip
 
         pooled = unit(1, "pool")(jnp.mean(x, axis=(1, 2), keepdims=True), bn_mask)
@@ -119,23 +128,28 @@ class Decoder(nn.Module):
     low_level_width: int = 48
     variant: str = "robustnet"
     use_running_average: bool = True
+    convolution: layers.Convolution = layers.DEFAULT_CONVOLUTION
 
     @nn.compact
     def __call__(self, x, low_level, bn_mask=None, deterministic: bool = True) -> jax.Array:
         """x: [N, h, w, C] ASPP output; low_level: [N, h1, w1, C1] layer1 features."""
-        ura = self.use_running_average
+        unit = functools.partial(
+            ConvBNReLU, use_running_average=self.use_running_average, convolution=self.convolution
+        )
         jfzhang95 = self.variant == "jfzhang95"
-        low = ConvBNReLU(self.low_level_width, 1, use_running_average=ura, name="low_level")
-        low = low(low_level, bn_mask)
+        low = unit(self.low_level_width, 1, name="low_level")(low_level, bn_mask)
         up = layers.resize_bilinear_align_corners(x, low.shape[1:3])
         y = jnp.concatenate([up, low] if jfzhang95 else [low, up], axis=-1)
-        y = ConvBNReLU(self.width, 3, use_running_average=ura, name="conv1")(y, bn_mask)
+        y = unit(self.width, 3, name="conv1")(y, bn_mask)
         if jfzhang95:
             y = nn.Dropout(0.5)(y, deterministic=deterministic)
-        y = ConvBNReLU(self.width, 3, use_running_average=ura, name="conv2")(y, bn_mask)
+        y = unit(self.width, 3, name="conv2")(y, bn_mask)
         if jfzhang95:
             y = nn.Dropout(0.1)(y, deterministic=deterministic)
-        return _classifier(self.num_classes, self.variant, self.width, "classifier")(y)
+        classifier = _classifier(
+            self.num_classes, self.variant, self.width, "classifier", self.convolution
+        )
+        return classifier(y)
 
 
 class AuxHead(nn.Module):
@@ -144,16 +158,21 @@ class AuxHead(nn.Module):
     num_classes: int
     width: int = 512
     use_running_average: bool = True
+    convolution: layers.Convolution = layers.DEFAULT_CONVOLUTION
 
     @nn.compact
     def __call__(self, x, bn_mask=None, deterministic: bool = True) -> jax.Array:
         unit = ConvBNReLU(
-            self.width, 3, use_bias=True, use_running_average=self.use_running_average, name="unit"
-        )
+            self.width, 3, use_bias=True, use_running_average=self.use_running_average,
+            convolution=self.convolution, name="unit",
+        )  # fmt: skip
         y = unit(x, bn_mask)
         # Dropout2d drops whole channels of an image: shared over the spatial axes.
         y = nn.Dropout(0.1, broadcast_dims=(1, 2))(y, deterministic=deterministic)
-        return _classifier(self.num_classes, "robustnet", self.width, "classifier")(y)
+        classifier = _classifier(
+            self.num_classes, "robustnet", self.width, "classifier", self.convolution
+        )
+        return classifier(y)
 
 
 class DeepLabV3Plus(nn.Module):
@@ -170,6 +189,8 @@ class DeepLabV3Plus(nn.Module):
       multi_level: add RobustNet's `dsn` aux head on layer3 ('robustnet' only).
       dropout: apply the references' dropout in training (needs a 'dropout' rng).
       train_batch_stats: as `DeepLabV2.train_batch_stats`.
+      convolution: how every conv runs (`layers.Convolution`).
+      remat: recompute the backbone's blocks in the backward pass (`resnet.ResNet.remat`).
     """
 
     param_groups: ClassVar[dict[str, str]] = {
@@ -195,6 +216,8 @@ class DeepLabV3Plus(nn.Module):
     multi_level: bool = True
     dropout: bool = True
     train_batch_stats: bool = True
+    convolution: layers.Convolution = layers.DEFAULT_CONVOLUTION
+    remat: bool = False
 
     @nn.compact
     def __call__(
@@ -224,22 +247,24 @@ class DeepLabV3Plus(nn.Module):
             instance_norm=self.instance_norm,
             instance_norm_at=self.instance_norm_at,
             use_running_average=ura,
+            convolution=self.convolution,
+            remat=self.remat,
             name="backbone",
         )(images, bn_mask)
         for name, value in features.items():
             self.sow("intermediates", name, value)
         mask = None if bn_mask is None else bn_mask[:, None, None, None]
         rates = tuple(self.aspp_rates) or aspp_rates(self.output_stride)
-        x = ASPP(self.head_width, rates, self.variant, ura, name="aspp")(
+        x = ASPP(self.head_width, rates, self.variant, ura, self.convolution, name="aspp")(
             features["layer4"], mask, deterministic
         )
         decoder = Decoder(
             self.num_classes, self.head_width, self.low_level_width, self.variant, ura,
-            name="decoder",
+            self.convolution, name="decoder",
         )  # fmt: skip
         outputs = {"main": decoder(x, features["layer1"], mask, deterministic)}
         if self.multi_level:
-            aux = AuxHead(self.num_classes, self.aux_width, ura, name="head_aux")
+            aux = AuxHead(self.num_classes, self.aux_width, ura, self.convolution, name="head_aux")
             outputs["aux"] = aux(features["layer3"], mask, deterministic)
         return outputs
 
@@ -265,4 +290,6 @@ class DeepLabV3Plus(nn.Module):
             multi_level=model_config.multi_level,
             dropout=model_config.dropout,
             train_batch_stats=layers.train_batch_stats(model_config.bn_mode),
+            convolution=layers.Convolution.from_config(model_config),
+            remat=model_config.get("remat", False),
         )

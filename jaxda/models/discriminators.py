@@ -22,6 +22,8 @@ class FCDiscriminator(nn.Module):
     Attributes:
       width: channels of the first conv (64 in the published models).
       style: 'adaptseg' or 'proda'.
+      convolution: how every conv runs (`layers.Convolution`; in training, that of the
+        run's config.model, see `jaxda.models.build_discriminator`).
     """
 
     _LAYERS = ("conv1", "conv2", "conv3", "conv4", "classifier")
@@ -31,13 +33,18 @@ class FCDiscriminator(nn.Module):
 
     width: int = 64
     style: str = "adaptseg"
+    convolution: layers.Convolution = layers.DEFAULT_CONVOLUTION
 
     @classmethod
-    def from_config(cls, disc_config: ml_collections.ConfigDict):
+    def from_config(
+        cls,
+        disc_config: ml_collections.ConfigDict,
+        convolution: layers.Convolution = layers.DEFAULT_CONVOLUTION,
+    ):
         style = disc_config.get("style", "adaptseg")
         if style not in cls.STYLES:
             raise ValueError(f"config.discriminator.style={style!r}; use one of {cls.STYLES}")
-        return cls(width=disc_config.width, style=style)
+        return cls(width=disc_config.width, style=style, convolution=convolution)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -56,9 +63,10 @@ class FCDiscriminator(nn.Module):
             kernel = 1 if proda and last else (3 if proda else 4)
             stride = 1 if proda and last else 2
             pad = (kernel - 1) // 2 if proda else 1
-            x = nn.Conv(
+            x = layers.conv(
                 features,
                 (kernel, kernel),
+                convolution=self.convolution,
                 strides=(stride, stride),
                 padding=((pad, pad), (pad, pad)),
                 kernel_init=layers.torch_default_kernel_init,

@@ -1,11 +1,82 @@
-"""Small building blocks shared by the models: PyTorch-compatible resizing, pooling, BatchNorm."""
+"""Small building blocks shared by the models: convolutions, PyTorch-compatible resizing,
+pooling, BatchNorm."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+
+from jaxda.models import fast_conv
+
+# config.model.conv_impl -> the convolution every nn.Conv of every network runs: XLA's own, or
+# fast_conv's (XLA's forward and input gradient, a dot-based weight gradient: faster on CPU),
+# or 'auto': 'fast' on CPU, 'xla' on GPU and TPU (where 'fast' has not been measured).
+CONV_IMPLS = {"xla": lax.conv_general_dilated, "fast": fast_conv.conv_general_dilated}
+AUTO_IMPL = {"cpu": "fast"}  # Backend -> impl of 'auto'; any other backend: 'xla'.
+# config.model.dtype: the dtype convolutions compute in (see `Convolution`).
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Convolution:
+    """How every convolution of a network runs: config.model.conv_impl and config.model.dtype.
+
+    impl: 'xla' (XLA's own convolution), 'fast' (`fast_conv`: XLA's forward and input
+      gradient, the weight gradient as matrix products; 3x faster train steps on CPU) or
+      'auto' ('fast' on CPU, 'xla' on other backends). Results differ by float rounding.
+    dtype: 'float32', or 'bfloat16' for mixed precision: a convolution's input and kernel are
+      cast to bfloat16, it computes in bfloat16 and its result is cast back to float32. So the
+      convolutions (nearly all of the FLOPs) run at bfloat16 speed on GPUs and TPUs, while
+      parameters, bias additions, BatchNorm (statistics included), activations between layers,
+      losses and optimiser state stay float32 (the convolutions' saved inputs are bfloat16).
+    Neither changes the parameters, so a checkpoint loads under any setting.
+    """
+
+    impl: str = "xla"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.impl not in (*CONV_IMPLS, "auto"):
+            raise ValueError(
+                f"config.model.conv_impl={self.impl!r}; use one of {sorted(CONV_IMPLS)} or 'auto'"
+            )
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"config.model.dtype={self.dtype!r}; use one of {COMPUTE_DTYPES}")
+
+    @classmethod
+    def from_config(cls, model_config) -> "Convolution":
+        """From config.model's conv_impl and dtype (defaults: 'xla', 'float32')."""
+        return cls(model_config.get("conv_impl", "xla"), model_config.get("dtype", "float32"))
+
+    def resolved_impl(self) -> str:
+        """'xla' or 'fast': 'auto' resolved for JAX's default backend (when tracing)."""
+        if self.impl == "auto":
+            return AUTO_IMPL.get(jax.default_backend(), "xla")
+        return self.impl
+
+    def __call__(self, lhs, rhs, *args, **kwargs):
+        """`lax.conv_general_dilated`'s signature: nn.Conv's `conv_general_dilated`."""
+        impl = CONV_IMPLS[self.resolved_impl()]
+        if self.dtype == "float32":
+            return impl(lhs, rhs, *args, **kwargs)
+        dtype = jnp.dtype(self.dtype)
+        return impl(lhs.astype(dtype), rhs.astype(dtype), *args, **kwargs).astype(lhs.dtype)
+
+
+DEFAULT_CONVOLUTION = Convolution()  # XLA's own, float32.
+
+
+def conv(features: int, kernel_size, *, convolution: Convolution = DEFAULT_CONVOLUTION, **kwargs):
+    """nn.Conv(features, kernel_size, **kwargs) whose convolution runs as `convolution` says.
+
+    Every convolution of jaxda's networks is made here. The parameters (names, shapes, float32)
+    do not depend on `convolution`, so checkpoints load whichever way it runs them.
+    """
+    return nn.Conv(features, kernel_size, conv_general_dilated=convolution, **kwargs)
 
 
 @functools.lru_cache(maxsize=64)
@@ -47,8 +118,9 @@ def resize_bilinear_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Ar
     rows = jnp.asarray(_align_corners_matrix(x.shape[1], out_h), x.dtype)
     cols = jnp.asarray(_align_corners_matrix(x.shape[2], out_w), x.dtype)
     highest = jax.lax.Precision.HIGHEST  # No TF32/bf16 passes: match PyTorch's float32.
-    x = jnp.einsum("oh,nhwc->nowc", rows, x, precision=highest)
-    return jnp.einsum("pw,nowc->nopc", cols, x, precision=highest)
+    with jax.named_scope("resize"):  # Names the ops in profiles (benchmarks/step_profile.py).
+        x = jnp.einsum("oh,nhwc->nowc", rows, x, precision=highest)
+        return jnp.einsum("pw,nowc->nopc", cols, x, precision=highest)
 
 
 def max_pool_ceil(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:

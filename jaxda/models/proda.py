@@ -26,11 +26,19 @@ def _group_norm(name: str) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=GROUPS, epsilon=1e-5, use_fast_variance=False, name=name)
 
 
-def _conv(features: int, kernel: int, dilation: int, name: str, use_bias: bool = True):
+def _conv(
+    features: int,
+    kernel: int,
+    dilation: int,
+    name: str,
+    convolution: layers.Convolution,
+    use_bias: bool = True,
+):
     pad = dilation * (kernel - 1) // 2
-    return nn.Conv(
+    return layers.conv(
         features,
         (kernel, kernel),
+        convolution=convolution,
         kernel_dilation=(dilation, dilation),
         padding=((pad, pad), (pad, pad)),
         use_bias=use_bias,
@@ -48,6 +56,7 @@ class ProDAHead(nn.Module):
     num_classes: int
     width: int = 256
     dilations: Sequence[int] = (6, 12, 18, 24)
+    convolution: layers.Convolution = layers.DEFAULT_CONVOLUTION  # `layers.CONV_IMPLS`.
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True):
@@ -55,7 +64,7 @@ class ProDAHead(nn.Module):
             raise ValueError(f"head_width={self.width} must be divisible by {GROUPS} groups")
         branches = []
         for i, (kernel, dilation) in enumerate(((1, 1), *((3, d) for d in self.dilations))):
-            y = _conv(self.width, kernel, dilation, f"branch{i}")(x)
+            y = _conv(self.width, kernel, dilation, f"branch{i}", self.convolution)(x)
             branches.append(nn.relu(_group_norm(f"branch{i}_gn")(y)))
         y = jnp.concatenate(branches, axis=-1)
         channels = y.shape[-1]
@@ -63,10 +72,11 @@ class ProDAHead(nn.Module):
         squeezed = nn.relu(nn.Dense(channels // SE_REDUCTION, name="se_fc1")(squeezed))
         scale = nn.sigmoid(nn.Dense(channels, name="se_fc2")(squeezed))
         y = y * scale[:, None, None, :]
-        y = _group_norm("fuse_gn")(_conv(self.width, 3, 1, "fuse")(y))
+        y = _group_norm("fuse_gn")(_conv(self.width, 3, 1, "fuse", self.convolution)(y))
         # Dropout2d drops whole channels of an image: shared over the spatial axes.
         feature = nn.Dropout(0.1, broadcast_dims=(1, 2))(y, deterministic=deterministic)
-        logits = _conv(self.num_classes, 1, 1, "classifier", use_bias=False)(feature)
+        classifier = _conv(self.num_classes, 1, 1, "classifier", self.convolution, use_bias=False)
+        logits = classifier(feature)
         return logits, feature
 
 
@@ -83,6 +93,8 @@ class ProDADeepLabV2(nn.Module):
       bn_clr: a BatchNorm on layer4's output (ProDA's `--bn_clr`, `bn_pretrain`) [bn_clr].
       dropout: apply Dropout2d(0.1) in training (needs a 'dropout' rng) [dropout].
       train_batch_stats: BN uses batch statistics in training [bn_mode != 'frozen', optional].
+      convolution: how every conv runs (`layers.Convolution`) [conv_impl, dtype, optional].
+      remat: recompute the backbone's blocks in the backward pass [remat, optional].
     """
 
     # ProDA's 10x group is `bn_pretrain` + the head (docs/methods/proda.md).
@@ -100,6 +112,8 @@ class ProDADeepLabV2(nn.Module):
     bn_clr: bool = False
     dropout: bool = True
     train_batch_stats: bool = True
+    convolution: layers.Convolution = layers.DEFAULT_CONVOLUTION
+    remat: bool = False
 
     @nn.compact
     def __call__(
@@ -117,6 +131,8 @@ class ProDADeepLabV2(nn.Module):
             stage_sizes=self.stage_sizes,
             width=self.width,
             use_running_average=use_running_average,
+            convolution=self.convolution,
+            remat=self.remat,
             name="backbone",
         )(images, bn_mask)
         for name, value in features.items():
@@ -127,15 +143,16 @@ class ProDADeepLabV2(nn.Module):
             norm = layers.batch_norm("bn_pretrain", use_running_average=use_running_average)
             x = norm(x, mask=mask)
         logits, feature = ProDAHead(
-            self.num_classes, self.head_width, tuple(self.aspp_dilations), name="head"
-        )(x, deterministic)
+            self.num_classes, self.head_width, tuple(self.aspp_dilations), self.convolution,
+            name="head",
+        )(x, deterministic)  # fmt: skip
         self.sow("intermediates", "feature", feature)
         return {"main": logits}
 
     @classmethod
     def from_config(cls, model_config: ml_collections.ConfigDict, num_classes: int):
         """From config.model: depth (or stage_sizes), width, head_width, bn_clr, dropout,
-        optional aspp_dilations and bn_mode (`layers.BN_MODES`)."""
+        optional aspp_dilations, bn_mode (`layers.BN_MODES`), conv_impl, dtype and remat."""
         return cls(
             num_classes=num_classes,
             stage_sizes=layers.stage_sizes(model_config, resnet.STAGE_SIZES),
@@ -145,4 +162,6 @@ class ProDADeepLabV2(nn.Module):
             bn_clr=model_config.get("bn_clr", False),
             dropout=model_config.get("dropout", True),
             train_batch_stats=layers.train_batch_stats(model_config.get("bn_mode", "train")),
+            convolution=layers.Convolution.from_config(model_config),
+            remat=model_config.get("remat", False),
         )

@@ -26,11 +26,13 @@ def _conv(
     dilation: int = 1,
     name: str,
     kernel_init=layers.deeplab_kernel_init,
+    convolution: layers.Convolution = layers.DEFAULT_CONVOLUTION,
 ):
     pad = dilation * (kernel - 1) // 2
-    return nn.Conv(
+    return layers.conv(
         features,
         (kernel, kernel),
+        convolution=convolution,
         strides=(stride, stride),
         kernel_dilation=(dilation, dilation),
         padding=((pad, pad), (pad, pad)),
@@ -60,6 +62,9 @@ class Bottleneck(nn.Module):
     # '' (none), 'plain' (no affine; the normalised map is also returned, for the whitening
     # losses) or 'affine' (IBN-Net style, learned scale and offset).
     instance_norm: str = ""
+    convolution: layers.Convolution = (
+        layers.DEFAULT_CONVOLUTION
+    )  # config.model.convolution (`layers.CONV_IMPLS`).
 
     @nn.compact
     def __call__(
@@ -76,7 +81,7 @@ class Bottleneck(nn.Module):
             )
             return lambda y: norm(y, mask=bn_mask)
 
-        conv = functools.partial(_conv, kernel_init=self.kernel_init)
+        conv = functools.partial(_conv, kernel_init=self.kernel_init, convolution=self.convolution)
         first_stride, mid_stride = (1, self.stride) if self.stride_in_3x3 else (self.stride, 1)
         residual = x
         y = nn.relu(bn("bn1")(conv(self.planes, 1, stride=first_stride, name="conv1")(x)))
@@ -100,11 +105,16 @@ class ResNet(nn.Module):
       stage_sizes: blocks in layer1..layer4, e.g. (3, 4, 23, 3) for ResNet-101.
       width: planes of layer1 (64 in the published models; smaller for the synthetic benchmark).
       use_running_average: BN normalises with running statistics (True) or batch statistics.
+      convolution: how every conv runs (`layers.Convolution`).
+      remat: recompute each block's activations in the backward pass instead of storing them
+        (`nn.remat`: less memory, one more forward pass of compute; same parameters).
     """
 
     stage_sizes: Sequence[int] = STAGE_SIZES[101]
     width: int = 64
     use_running_average: bool = True
+    convolution: layers.Convolution = layers.DEFAULT_CONVOLUTION
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, bn_mask: jax.Array | None = None) -> dict[str, jax.Array]:
@@ -115,22 +125,24 @@ class ResNet(nn.Module):
         """
         if bn_mask is not None:
             bn_mask = bn_mask[:, None, None, None]
-        x = _conv(self.width, 7, stride=2, name="conv1")(x)
+        x = _conv(self.width, 7, stride=2, name="conv1", convolution=self.convolution)(x)
         x = layers.batch_norm("bn1", use_running_average=self.use_running_average)(x, mask=bn_mask)
         x = layers.max_pool_ceil(nn.relu(x), window=3, stride=2, padding=1)
         features = {}
         # (planes multiplier, stride, dilation) of layer1..layer4: output stride 8.
         layer_specs = ((1, 1, 1), (2, 2, 1), (4, 1, 2), (8, 1, 4))
+        block_cls = nn.remat(Bottleneck) if self.remat else Bottleneck
         for layer_index, (blocks, (mult, stride, dilation)) in enumerate(
             zip(self.stage_sizes, layer_specs, strict=True), start=1
         ):
             for block in range(blocks):
-                x = Bottleneck(
+                x = block_cls(
                     planes=self.width * mult,
                     stride=stride if block == 0 else 1,
                     dilation=dilation,
                     project=block == 0,
                     use_running_average=self.use_running_average,
+                    convolution=self.convolution,
                     name=f"layer{layer_index}_{block}",
                 )(x, bn_mask)
             features[f"layer{layer_index}"] = x

@@ -85,6 +85,8 @@ class ResNet(nn.Module):
       instance_norm_at: the slots of INSTANCE_NORM_SLOTS that get it (RobustNet's R50
         scripts: stem, layer1, layer2).
       use_running_average: BN normalises with running statistics (True) or batch statistics.
+      convolution: how every conv runs (`layers.Convolution`).
+      remat: recompute each block in the backward pass (`resnet.ResNet.remat`).
     """
 
     stage_sizes: Sequence[int] = STAGE_SIZES[50]
@@ -95,6 +97,8 @@ class ResNet(nn.Module):
     instance_norm: str = ""
     instance_norm_at: Sequence[str] = ("stem", "layer1", "layer2")
     use_running_average: bool = True
+    convolution: layers.Convolution = layers.DEFAULT_CONVOLUTION
+    remat: bool = False
 
     def _instance_norm_at(self, slot: str) -> str:
         return self.instance_norm if slot in self.instance_norm_at else ""
@@ -118,7 +122,14 @@ class ResNet(nn.Module):
         features = {}
 
         def conv_bn_relu(y, features_out, kernel, stride, index, last=False):
-            y = _conv(features_out, kernel, stride=stride, name=f"conv{index}")(y)
+            conv = _conv(
+                features_out,
+                kernel,
+                stride=stride,
+                name=f"conv{index}",
+                convolution=self.convolution,
+            )
+            y = conv(y)
             kind = self._instance_norm_at("stem") if last else ""
             if kind:  # RobustNet replaces the stem's (last) BN.
                 y = layers.InstanceNorm(affine=kind == "affine", name=f"instance_norm{index}")(y)
@@ -137,6 +148,9 @@ class ResNet(nn.Module):
         # PyTorch pads max-pooling with -inf, as reduce_window's padding does here.
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         dilations = layer_dilations(self.stage_sizes, self.output_stride, self.multi_grid)
+        block_cls = Bottleneck
+        if self.remat:
+            block_cls = functools.partial(nn.remat(resnet.Bottleneck), **Bottleneck.keywords)
         for layer_index, ((stride, _), block_dilations) in enumerate(
             zip(LAYER_PLANS[self.output_stride], dilations, strict=True), start=1
         ):
@@ -145,7 +159,7 @@ class ResNet(nn.Module):
                 # RobustNet's `_make_layer` never gives block 0 one: a one-block layer has none.
                 last = 0 < block == len(block_dilations) - 1
                 kind = self._instance_norm_at(slot) if last else ""
-                x = Bottleneck(
+                x = block_cls(
                     planes=self.width * 2 ** (layer_index - 1),
                     stride=stride if block == 0 else 1,
                     dilation=dilation,
@@ -154,6 +168,7 @@ class ResNet(nn.Module):
                     project=block == 0,
                     use_running_average=self.use_running_average,
                     instance_norm=kind,
+                    convolution=self.convolution,
                     name=f"layer{layer_index}_{block}",
                 )(x, bn_mask)
                 if kind == "plain":

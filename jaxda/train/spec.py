@@ -55,7 +55,7 @@ def teacher_of(config: ml_collections.ConfigDict, name: str = "seg") -> Network:
 
 def discriminators(config: ml_collections.ConfigDict, heads) -> dict[str, Network]:
     """{'disc/<head>': output-space discriminator on num_classes maps} for each head."""
-    module = models.build_discriminator(config.discriminator)
+    module = models.build_discriminator(config.discriminator, config.model)
     return {f"disc/{head}": Network(module, config.num_classes, "disc_optimizer") for head in heads}
 
 
