@@ -10,12 +10,10 @@
 This file is intentionally short: all logic lives in the importable `jaxda` library.
 """
 
-import os
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxda import cli, distributed
+from jaxda import cli, distributed, runtime
 
 cli.quiet_start()  # Before TensorFlow and JAX load: the config file below imports them.
 distributed.define_flags()  # --coordinator_address, --num_processes, --process_id, ...
@@ -42,11 +40,8 @@ def main(argv):
         raise app.UsageError("--mode=predict needs --input=IMAGES_DIR_OR_FILE and --output=DIR")
     if FLAGS.mode == "predict" and distributed.requested():
         raise app.UsageError("--mode=predict runs on one process: drop the multi-host flags")
-    if FLAGS.config.deterministic_gpu_ops:
-        # Must be set before JAX starts: GPU reductions then run in a fixed order, so the same
-        # run twice gives the same numbers there too (CPU and TPU are deterministic anyway).
-        flags_env = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags_env} --xla_gpu_deterministic_ops=true".strip()
+    # Before JAX starts: XLA flags (deterministic GPU ops, ...) and the matmul precision.
+    runtime.apply(FLAGS.config)
     import tensorflow as tf
 
     # tf.data only runs the input pipeline; keep TensorFlow off any accelerator.
