@@ -161,14 +161,16 @@ def apply_gradients(
         (their gradient is zero, so weight decay and momentum still apply, as in PyTorch).
     """
     grads = {**jax.tree.map(jnp.zeros_like, state.params), **grads}
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    with jax.named_scope("optimizer"):  # Names the ops in profiles (benchmarks/step_profile.py).
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
     model_state = state.model_state
     if batch_stats:
         seg_state = {**model_state.get("seg", {}), "batch_stats": batch_stats}
         model_state = {**model_state, "seg": seg_state}
     return state.replace(
         step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
+        params=params,
         model_state=model_state,
         opt_state=opt_state,
     )
