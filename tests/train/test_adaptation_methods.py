@@ -51,7 +51,15 @@ def test_minent_step_has_no_discriminator_and_the_advent_entropy():
         assert float(metrics[f"loss_ent_{head}"]) == pytest.approx(expected, rel=1e-4)
 
 
-@pytest.mark.parametrize("arg", ["", "iw", "iw,multi"])
+@pytest.mark.parametrize(
+    "arg",
+    [
+        # 'iw,multi' runs every term; the plain and IW-only steps are in the slow run.
+        pytest.param("", marks=pytest.mark.slow),
+        pytest.param("iw", marks=pytest.mark.slow),
+        "iw,multi",
+    ],
+)
 def test_maxsquare_step_losses(arg):
     config = _tiny(maxsquare, arg)
     setup, variables, batch, metrics = _step_metrics(config)

@@ -160,8 +160,10 @@ def _numpy_mse(logits, target):
     ("method", "disc_input", "proda"),
     [
         ("adaptseg", lambda p: p, False),
-        ("advent", _numpy_self_information, False),
-        ("adaptseg", lambda p: p, True),
+        # The same step with another discriminator input / GAN loss: in the slow run (the
+        # self-information and LS-GAN losses also have unit tests in tests/losses).
+        pytest.param("advent", _numpy_self_information, False, marks=pytest.mark.slow),
+        pytest.param("adaptseg", lambda p: p, True, marks=pytest.mark.slow),
     ],
     ids=["adaptseg_softmax", "advent_self_information", "proda_warmup"],
 )
