@@ -84,6 +84,9 @@ def test_unknown_config_key_names_the_key(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+# Slow run (8 s): the one-line error of a command is checked by the default run with
+# launch.main; this is the same for launch.convert.
+@pytest.mark.slow
 def test_convert_names_a_missing_file(tmp_path):
     if importlib.util.find_spec("torch") is None:
         pytest.skip("needs PyTorch")

@@ -105,8 +105,9 @@ def test_unknown_command_line_key_is_an_error(tmp_path):
 @pytest.mark.parametrize(
     ("module", "arg"),
     [
-        (adaptseg, ""),
-        # The rest share the network and steps above: in the slow run.
+        # All in the slow run (10 s each): the DeepLabV3+ model tests and its converter tests
+        # cover the network in the default run.
+        pytest.param(adaptseg, "", marks=pytest.mark.slow),
         pytest.param(advent, "", marks=pytest.mark.slow),
         pytest.param(source_only, "", marks=pytest.mark.slow),
         pytest.param(oracle, "", marks=pytest.mark.slow),

@@ -33,6 +33,9 @@ def test_prepared_dataset_is_reported_not_rebuilt(tmp_path):
     assert len(sources.SplitReader("gta5", "train", data_dir)) == 2
 
 
+# Slow run (10 s): tests/data/test_folder_builder.py::test_command_line runs launch.prepare's
+# command line in the default run.
+@pytest.mark.slow
 def test_command_line_prints_and_writes_the_summary(tmp_path):
     make_cityscapes(tmp_path / "cityscapes", np.random.default_rng(0), zipped=True)
     args = [

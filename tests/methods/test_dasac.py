@@ -59,6 +59,9 @@ def _leaves(tree):
     return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
 
 
+# Slow run (12 s): the default run checks one SAC step against the losses; this, the
+# momentum network's cadence over several steps.
+@pytest.mark.slow
 def test_teacher_update_cadence(data_dir, tmp_path):
     """The first call copies the student and resets the class prior to beta; afterwards the
     teacher moves as 0.99 teacher + 0.01 student (parameters and BN statistics) at

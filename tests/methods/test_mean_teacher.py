@@ -77,6 +77,8 @@ def test_mean_teacher_stages_train_and_resume_exactly(data_dir, tmp_path, monkey
         np.testing.assert_array_equal(a, b)
 
 
+# Slow run (10 s): the example method; its pipeline test runs there too.
+@pytest.mark.slow
 def test_teacher_is_the_ema_of_the_student(data_dir):
     """One step: teacher' = m teacher + (1 - m) student' (params), student' BN statistics."""
     config = stages.stage_config(_config(data_dir), "self_training", "/unused")

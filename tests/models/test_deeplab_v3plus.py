@@ -265,6 +265,8 @@ def test_param_groups_cover_every_parameter(name):
         assert is_bn == (names[-2].startswith("bn") and names[-1] in ("scale", "bias"))
 
 
+# Slow run (7 s): test_train_steps_pass_a_dropout_key covers dropout in the default run.
+@pytest.mark.slow
 def test_dropout_needs_rng_and_is_random():
     model = _jax_model("jfzhang95_os16_multi_grid", width=4, dropout=True)
     x = jax.random.normal(jax.random.key(1), (2, 33, 41, 3))

@@ -245,7 +245,14 @@ def _methods(stride_1: str):
     return lambda x_shape, kernel_shape, spec: stride_1 if spec.strides == (1, 1) else "xcol"
 
 
-@pytest.mark.parametrize("name,stride_1", [("deeplab_v2", "taps"), ("deeplabv3plus", "dycol")])
+@pytest.mark.parametrize(
+    "name,stride_1",
+    [
+        ("deeplab_v2", "taps"),
+        # Slow run (5 s): the same custom VJP through the other network.
+        pytest.param("deeplabv3plus", "dycol", marks=pytest.mark.slow),
+    ],
+)
 def test_network_gradients_match(name, stride_1, monkeypatch):
     """The gradient of a training-mode forward (batch-statistics BN) w.r.t. every parameter."""
     monkeypatch.setattr(fast_conv, "choose_method", _methods(stride_1))
