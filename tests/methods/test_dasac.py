@@ -182,6 +182,9 @@ def test_sac_step_matches_the_loss_functions(data_dir, tmp_path):
     assert not np.allclose(moved[0]["bias"], moved[1]["bias"])
 
 
+# Slow run (12 s): the default run checks the SAC step; the ABN stage runs in the slow
+# pipeline test too.
+@pytest.mark.slow
 def test_abn_step_adapts_only_bn_statistics_to_the_target(data_dir, tmp_path):
     """ABN: one SGD step on the source CE; the target batch then passes through the updated
     network in training mode, so only the BN running statistics see it."""

@@ -157,6 +157,9 @@ def test_isw_loss_is_off_before_the_mask(data_dir):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+# Slow run (11 s): the default ISW step test covers the whitening loss; the mask pass also
+# runs in the slow 1-vs-8 test.
+@pytest.mark.slow
 def test_mask_pass_matches_numpy(data_dir):
     """The mask of `after_step` at (cov_stat_epoch + 1) x epoch_steps equals a NumPy
     re-computation: per pair (photometric, original) of each trial's stream batches, the

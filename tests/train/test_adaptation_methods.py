@@ -156,6 +156,9 @@ def test_tent_padding_enters_neither_bn_statistics_nor_the_entropy():
         np.testing.assert_allclose(update, expected, atol=1e-3 * np.abs(expected).max() + 1e-9)
 
 
+# Slow run (16 s): test_tent_padding_enters_neither_bn_statistics_nor_the_entropy runs TENT
+# end to end and tests/evaluation covers ensembles in the default run.
+@pytest.mark.slow
 def test_tent_and_ensemble_end_to_end(data_dir, tmp_path):
     source = str(tmp_path / "source")
     config = tiny_config("source_only", data_dir=data_dir, total_steps=2)
