@@ -236,7 +236,7 @@ def run_worker(args) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def parse_impl(entry: str) -> tuple[str, bool, str]:
+def parse_impl(entry: str) -> tuple[str, bool, str, str]:
     """'fast+remat+memsched+bf16' -> (conv_impl, remat, extra XLA flags, dtype)."""
     impl, *options = entry.split("+")
     if impl not in IMPLS or set(options) - set(OPTIONS):
