@@ -10,7 +10,8 @@ jaxda runs once per --impls entry, each in its own process: config.model.conv_im
 XLA's own convolutions, or 'fast', `jaxda/models/fast_conv.py`'s dot-based weight gradient),
 optionally with '+remat' (config.model.remat: ResNet blocks recomputed in the backward pass),
 '+memsched' (XLA:CPU's memory-optimised scheduler, MEMSCHED_FLAG, i.e. config
-cpu_memory_scheduler) and '+bf16' (config.model.dtype='bfloat16', mixed precision), e.g.
+cpu_memory_scheduler), '+bf16' (config.model.dtype='bfloat16', mixed precision) and
+'+nobarrier' (config.model.block_barrier='off'; the others keep 'auto'), e.g.
 --impls=xla,fast,fast+memsched. --xla_flags are added to XLA_FLAGS of every jaxda process.
 --rounds repeats all runs in turn and pools their step times, so that load from other
 processes on the machine hits every run alike. --convs times instead the weight gradient of
@@ -56,12 +57,13 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
 WORKERS = ("jax_train", "torch_train", "jax_eval", "torch_eval")
 IMPLS = ("xla", "fast")
-OPTIONS = ("remat", "memsched", "bf16")
+OPTIONS = ("remat", "memsched", "bf16", "nobarrier")
 # Dense (no sparsity) peak TFLOP/s of GPUs, (TF32, BF16) tensor cores, by a fragment of the
 # device name (first match), from NVIDIA's data sheets (SXM parts unless named). MFU rates
 # float32 runs against TF32: XLA's default precision and PyTorch's convolutions use TF32 on
@@ -130,6 +132,7 @@ def config_of(args):
     config.model.conv_impl = args.conv_impl
     config.model.remat = args.remat
     config.model.dtype = args.dtype
+    config.model.block_barrier = args.block_barrier
     config.num_devices = 1
     return config
 
@@ -236,28 +239,46 @@ def run_worker(args) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def parse_impl(entry: str) -> tuple[str, bool, str, str]:
-    """'fast+remat+memsched+bf16' -> (conv_impl, remat, extra XLA flags, dtype)."""
+class ImplEntry(NamedTuple):
+    """One --impls entry: the config.model keys it sets and the XLA flags it adds."""
+
+    conv_impl: str
+    remat: bool
+    xla_flags: str
+    dtype: str
+    block_barrier: str
+
+
+def parse_impl(entry: str) -> ImplEntry:
+    """'fast+remat+memsched+bf16+nobarrier' -> its `ImplEntry` (block_barrier 'auto' unless
+    +nobarrier)."""
     impl, *options = entry.split("+")
     if impl not in IMPLS or set(options) - set(OPTIONS):
         raise ValueError(
             f"--impls entry {entry!r}: IMPL[+OPTION...], IMPL in {IMPLS}, OPTION in {OPTIONS}"
         )
-    flags = MEMSCHED_FLAG if "memsched" in options else ""
-    return impl, "remat" in options, flags, "bfloat16" if "bf16" in options else "float32"
+    return ImplEntry(
+        conv_impl=impl,
+        remat="remat" in options,
+        xla_flags=MEMSCHED_FLAG if "memsched" in options else "",
+        dtype="bfloat16" if "bf16" in options else "float32",
+        block_barrier="off" if "nobarrier" in options else "auto",
+    )
 
 
 def _child(worker: str, args, impl_entry: str = "xla") -> dict:
-    conv_impl, remat, flags, dtype = parse_impl(impl_entry)
+    entry = parse_impl(impl_entry)
     command = [sys.executable, os.path.abspath(__file__), f"--worker={worker}"]
-    skip = ("worker", "json", "conv_impl", "convs", "xla_flags", "impls", "jobs", "remat", "dtype")
+    skip = ("worker", "json", "conv_impl", "convs", "xla_flags", "impls", "jobs", "remat", "dtype",
+            "block_barrier")  # fmt: skip
     command += [f"--{k}={v}" for k, v in vars(args).items() if k not in skip and v is not None]
-    command += [f"--conv_impl={conv_impl}", f"--dtype={dtype}"] + (["--remat"] if remat else [])
+    command += [f"--conv_impl={entry.conv_impl}", f"--dtype={entry.dtype}"]
+    command += [f"--block_barrier={entry.block_barrier}"] + (["--remat"] if entry.remat else [])
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")])),
     }
-    flags = " ".join(filter(None, [args.xla_flags, flags]))
+    flags = " ".join(filter(None, [args.xla_flags, entry.xla_flags]))
     if worker.startswith("jax") and flags:
         env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), flags]))
     print(f"running {worker} {impl_entry if worker.startswith('jax') else ''}...", flush=True)
@@ -356,7 +377,9 @@ def main() -> None:
         "--depth", type=int, default=None, choices=(50, 101), help="Default: 101 / 50 (V3+)."
     )
     parser.add_argument(
-        "--impls", default=",".join(IMPLS), help="jaxda's runs: IMPL[+remat][+memsched], ..."
+        "--impls",
+        default=",".join(IMPLS),
+        help="jaxda's runs: IMPL[+OPTION...], e.g. fast+memsched, fast+nobarrier",
     )
     parser.add_argument("--jobs", default=",".join(JOBS), help="train, eval or both.")
     parser.add_argument("--rounds", type=int, default=1, help="Runs of every job, in turn.")
@@ -366,6 +389,7 @@ def main() -> None:
     parser.add_argument("--conv_impl", default="xla", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--remat", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--block_barrier", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=WORKERS)
     parser.add_argument("--json", default=None, help="Also write the raw results here.")
     parser.add_argument(

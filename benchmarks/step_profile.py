@@ -204,7 +204,9 @@ def main() -> None:
     from benchmarks import speed_benchmark as bench
 
     args.depth = args.depth or bench.MODELS[args.model][1]
-    args.conv_impl, args.remat, flags, args.dtype = bench.parse_impl(args.impl)
+    entry = bench.parse_impl(args.impl)
+    args.conv_impl, args.remat, args.dtype = entry.conv_impl, entry.remat, entry.dtype
+    args.block_barrier, flags = entry.block_barrier, entry.xla_flags
     if flags:
         os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), flags]))
     print(profile(args))

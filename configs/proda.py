@@ -88,11 +88,13 @@ def proda_model(synthetic: bool) -> ml_collections.ConfigDict:
             "multi_level": False,  # One output ('main').
             "conv_impl": common.CONV_IMPL,  # See configs/common.py.
             "dtype": common.DTYPE,  # See configs/common.py.
+            "block_barrier": common.BLOCK_BARRIER,  # See configs/common.py.
             "remat": False,  # See configs/common.py.
         }
     )
     if synthetic:
         model.conv_impl = common.SYNTHETIC_CONV_IMPL
+        model.block_barrier = common.SYNTHETIC_BLOCK_BARRIER
         model.stage_sizes = (1, 1, 1, 1)
         model.width = 8
         model.head_width = 32  # GroupNorm(32) needs a multiple of 32.

@@ -93,9 +93,10 @@ class Bottleneck(nn.Module):
             residual = bn("bn_downsample")(residual)
         y = y + residual
         if not self.instance_norm:
-            return nn.relu(y)
+            return self.convolution.block_output(nn.relu(y))
         y = layers.InstanceNorm(affine=self.instance_norm == "affine", name="instance_norm")(y)
-        return (nn.relu(y), y) if self.instance_norm == "plain" else nn.relu(y)
+        out = self.convolution.block_output(nn.relu(y))
+        return (out, y) if self.instance_norm == "plain" else out
 
 
 class ResNet(nn.Module):

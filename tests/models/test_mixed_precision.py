@@ -120,7 +120,7 @@ def test_discriminators_follow_the_model_dtype():
     c.discriminator.width = 4
     c.model.dtype = "bfloat16"
     (network,) = spec_lib.discriminators(c, ("main",)).values()
-    assert network.module.convolution == layers.Convolution("auto", "bfloat16")
+    assert network.module.convolution == layers.Convolution("auto", "bfloat16", "auto")
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((2, 32, 32, 5)), jnp.float32)
     params = jax.tree.map(
