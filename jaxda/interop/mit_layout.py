@@ -235,15 +235,16 @@ def map_state_dict(
             "The file is an HRDA / MIC(HRDA) checkpoint (decode_head.scale_attention.*): "
             "jaxda has no HRDA head; its encoder and DAFormer head sit under other names."
         )
+    encoder_prefix, head_prefix = PREFIXES[layout]
     file_decoder = DECODERS[layout]
-    if file_decoder and file_decoder != decoder and not skip_head:
+    has_head = bool(head_prefix) and any(n.startswith(head_prefix) for n in names.values())
+    if has_head and file_decoder != decoder and not skip_head:
         raise ConversionError(
             f"The file's decode head is {_DECODER_TITLES[file_decoder]} (layout {layout!r}), "
             f"the config's config.model.decoder={decoder!r}: pass "
             f"--config.model.decoder={file_decoder}, or --skip_head to load the encoder only."
         )
     targets = traverse_util.flatten_dict(target)
-    encoder_prefix, head_prefix = PREFIXES[layout]
     report = ConversionReport(layout=layout, container=container)
     for entry in container_entries:
         report.ignored[entry] = f"{container} checkpoint entry (not network weights)"
@@ -275,6 +276,13 @@ def map_state_dict(
             value = _nvlabs_fuse_order(value)
         entries[path] = (key, value)
 
+    head_unknown = [k for k in report.unexpected if names[k].startswith(head_prefix or "\0")]
+    if head_unknown:  # Else the decoder would silently keep its initialisation.
+        raise ConversionError(
+            f"The file's decode head is not {_DECODER_TITLES[file_decoder]} as layout "
+            f"{layout!r} expects: {len(head_unknown)} key(s) not understood, e.g. "
+            f"{head_unknown[:3]}. Pass --skip_head to load the encoder only."
+        )
     _check_encoder(entries, targets)
     _check_shapes(entries, targets)
     loaded = {}

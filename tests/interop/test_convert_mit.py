@@ -202,6 +202,17 @@ def test_mismatches_are_refused_with_keys_and_shapes():
         convert.ConversionError, match=r"decode_head\.linear_pred\.weight: file \(5, 64, 1, 1\)"
     ):
         convert.convert_segmenter(obj, config)
+    # A head jaxda does not model (DAFormer's port of SegFormer's head names its embeddings
+    # `linear_c.{i}`): refused rather than left at its initialisation, unless --skip_head.
+    flat, _, _ = layouts.unwrap(obj)
+    port = {k.replace("linear_c1.", "linear_c.0."): v for k, v in flat.items()}
+    with pytest.raises(convert.ConversionError, match=r"decode_head\.linear_c\.0\.proj"):
+        convert.convert_segmenter(port, config)
+    model = models.build_segmenter(config.model, config.num_classes)
+    _, report = mit_layout.map_state_dict(
+        port, models.abstract_variables(model), "segformer", decoder="mlp", skip_head=True
+    )
+    assert report.unexpected == [] and "decode_head.linear_c.0.proj.weight" in report.skipped
     # Another network's file, or a MiT file for another network.
     resnet = {"conv1.weight": np.zeros((64, 3, 7, 7)), "bn1.weight": np.zeros(64)}
     with pytest.raises(convert.ConversionError, match="loads only the MiT layouts"):

@@ -396,5 +396,8 @@ def test_remat_gradients_equal_plain_ones():
         )
         for m in (small, remat)
     ]
+    # Relative to the largest gradient: some are zero but for rounding (the key bias, whose
+    # shift of all logits of a query the softmax removes).
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads[0]))
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
