@@ -381,9 +381,10 @@ def use_mit(
 
     Optimizer, schedule and losses stay the method's (the official recipe: AdamW 6e-5, the
     head at 10x, no weight decay on the encoder's LayerNorms, the modules named 'norm*').
-    `synthetic`: a tiny MiT (one block per stage, widths 16-64, decoder width 64, ASPP
+    `synthetic`: a tiny MiT (one block per stage, widths 16-64, decoder widths 32, ASPP
     dilations (1, 2, 3, 4) for the 16x32 stage-1 grid of 64x128 inputs) that trains from
-    scratch in minutes on CPU.
+    scratch on CPU (a source-only step of 8 images: 0.24 s with DAFormer's head, 0.07 s with
+    the MLP head, measured on 2 busy cores).
     """
     embed_dim = MIT_DECODER_EMBED_DIMS[decoder].get(variant, 768 if decoder == "mlp" else 256)
     c.model = ml_collections.ConfigDict(
@@ -418,8 +419,10 @@ def use_mit(
         c.model.embed_dims = (16, 32, 48, 64)
         c.model.depths = (1, 1, 1, 1)
         c.model.num_heads = (1, 2, 3, 4)
-        c.model.decoder_embed_dim = 64
-        c.model.decoder_width = 64
+        # XLA's grouped (depthwise) convolutions are slow on CPU: at width 64 DAFormer's
+        # fusion doubled the step time of a batch of 8 (0.53 s against 0.24 s at 32).
+        c.model.decoder_embed_dim = 32
+        c.model.decoder_width = 32
         c.model.aspp_dilations = (1, 2, 3, 4)
 
 

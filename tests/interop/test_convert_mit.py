@@ -127,9 +127,9 @@ def _segmentation_file(decoder: str, seed: int = 0):
     DAFormer training ('daformer') checkpoint of the tiny MiT."""
     backbone = ref.MixVisionTransformerTorch(TINY["embed_dims"], TINY["depths"], TINY["num_heads"])
     if decoder == "mlp":
-        head = ref.SegFormerHeadTorch(TINY["embed_dims"], 64, NUM_CLASSES)
+        head = ref.SegFormerHeadTorch(TINY["embed_dims"], 32, NUM_CLASSES)
     else:
-        head = ref.DAFormerHeadTorch(TINY["embed_dims"], NUM_CLASSES, 64, 64, (1, 2, 3, 4))
+        head = ref.DAFormerHeadTorch(TINY["embed_dims"], NUM_CLASSES, 32, 32, (1, 2, 3, 4))
     state_dict = _random_state_dict(ref.EncoderDecoderTorch(backbone, head), seed)
     meta = {"iter": 40000, "CLASSES": list("abcde")}
     if decoder == "mlp":
@@ -164,8 +164,8 @@ def test_segmentation_checkpoints_map_every_key(decoder):
         # NVlabs concatenates [c4, c3, c2, c1]: the input blocks are reversed.
         weight = state_dict["decode_head.linear_fuse.conv.weight"].numpy()[:, :, 0, 0]
         kernel = loaded[("params", "head", "linear_fuse", "conv", "kernel")][0, 0]
-        np.testing.assert_array_equal(kernel[:64], weight[:, 192:].T)
-        np.testing.assert_array_equal(kernel[192:], weight[:, :64].T)
+        np.testing.assert_array_equal(kernel[:32], weight[:, 96:].T)
+        np.testing.assert_array_equal(kernel[96:], weight[:, :32].T)
     else:
         assert report.skipped == {}
         ema = {k for k in state_dict if k.startswith(("ema_model.", "imnet_model."))}
@@ -199,7 +199,7 @@ def test_mismatches_are_refused_with_keys_and_shapes():
     config = _config("b0", "mlp", synthetic=True)
     config.num_classes = 19
     with pytest.raises(
-        convert.ConversionError, match=r"decode_head\.linear_pred\.weight: file \(5, 64, 1, 1\)"
+        convert.ConversionError, match=r"decode_head\.linear_pred\.weight: file \(5, 32, 1, 1\)"
     ):
         convert.convert_segmenter(obj, config)
     # A head jaxda does not model (DAFormer's port of SegFormer's head names its embeddings
