@@ -1,5 +1,5 @@
-"""Convert the published methods' PyTorch checkpoints (DeepLabV2, DeepLabV3+, discriminators)
-into jaxda orbax checkpoints.
+"""Convert the published methods' PyTorch checkpoints (DeepLabV2, DeepLabV3+, MiT / SegFormer /
+DAFormer, discriminators) into jaxda orbax checkpoints.
 
   python -m launch.convert --from=GTA2Cityscapes_multi-ed35151c.pth \
       --config=configs/adaptseg.py --out=/tmp/adaptseg_released
@@ -39,6 +39,11 @@ pass afresh (config.whitening); such tensors, if a file has them, are skipped wi
 Into an IN config, an ImageNet ResNet's stem `bn1` weight and bias load into an affine stem
 InstanceNorm (as RobustNet's `forgiving_state_restore` does); the rest of that BN is skipped.
 
+MiT files (layouts `mit`, `segformer`, `daformer`; `jaxda.interop.mit_layout`) load into a
+'segformer' config (`configs.common.use_mit`) of the same variant: an ImageNet `mit_b5.pth`
+fills the encoder (its 1000-class `head.*` is skipped, the decoder keeps the config's
+initialisation); NVlabs SegFormer and DAFormer checkpoints fill the decoder too.
+
 A discriminator checkpoint (AdaptSegNet or ADVENT layout) becomes `OUT/discriminator/` with the
 orbax items `params` (FCDiscriminator params, as `FCDiscriminator.apply({'params': ...})` takes
 them) and `meta` (JSON); `restore_discriminator` reads it back.
@@ -58,7 +63,7 @@ from etils import epath
 from flax import traverse_util
 
 from jaxda import checkpoints, models
-from jaxda.interop import layouts, torch_layouts
+from jaxda.interop import layouts, mit_layout, torch_layouts
 from jaxda.interop.layouts import ConversionError
 from jaxda.interop.torch_layouts import ConversionReport
 
@@ -170,6 +175,8 @@ def convert_segmenter(
     """
     state_dict, container, others = _numpy_state_dict(obj)
     layout = layout or layouts.detect_layout(list(state_dict), container)
+    if layout in mit_layout.MIT_LAYOUTS or config.model.name == mit_layout.MODEL:
+        return _convert_mit(state_dict, config, layout, container, others, skip_head)
     if layout in layouts.LAYOUTS:  # Before the (slow) init: a DeepLabV2 file for V3+ or back.
         layouts.check_model(layout, config.model.name, config.model.get("variant"))
         if layout == "proda" and config.model.name == layouts.PRODA_MODEL:
@@ -187,6 +194,30 @@ def convert_segmenter(
     if layouts.LAYOUTS[report.layout].kind != "segmenter":
         raise ConversionError(f"Layout {report.layout!r} is a discriminator's")
     return _merge(initial, loaded), report
+
+
+def _convert_mit(state_dict, config, layout, container, others, skip_head):
+    """`convert_segmenter` for MiT / SegFormer / DAFormer files (`mit_layout`). The file is
+    mapped onto the model's shapes first, so that a mismatch is refused before the (slow) init.
+    """
+    layouts.check_model(layout, config.model.name)
+    if layout not in mit_layout.MIT_LAYOUTS:
+        raise ConversionError(
+            f"The config's model is SegFormer / DAFormer (config.model.name="
+            f"{config.model.name!r}), which loads only the MiT layouts "
+            f"{list(mit_layout.MIT_LAYOUTS)}; the file's layout is {layout!r}."
+        )
+    model = models.build_segmenter(config.model, config.num_classes)
+    loaded, report = mit_layout.map_state_dict(
+        state_dict,
+        models.abstract_variables(model),
+        layout,
+        decoder=config.model.decoder,
+        container=container,
+        container_entries=others,
+        skip_head=skip_head,
+    )
+    return _merge(init_segmenter(config), loaded), report
 
 
 def convert_discriminator(

@@ -53,6 +53,16 @@ Layouts (`LAYOUTS`, auto-detected from the keys by `detect_layout`, or named wit
                   jfzhang95's DeepLabV3+ (Adversarial_DA_Exp; variant 'jfzhang95'):
                   `backbone.<torchvision names>`, `aspp.{aspp1..4,global_avg_pool,conv1,bn1}`,
                   `decoder.{conv1,bn1,last_conv}`.
+  mit             SegFormer's ImageNet MiT encoders (`mit_b0.pth` .. `mit_b5.pth`, a raw state
+                  dict: patch_embed{1..4}, block{1..4}.{j}, norm{1..4}); the 1000-class `head.*`
+                  is skipped. Into a 'segformer' config (`configs.common.use_mit`), either
+                  decoder; the decoder keeps its initialisation.
+  segformer       NVlabs SegFormer segmentation checkpoints (backbone.*, decode_head.linear_c*,
+                  linear_fuse, linear_pred): config.model.decoder='mlp'.
+  daformer        DAFormer training checkpoints (model.backbone.*, model.decode_head.
+                  embed_layers / fuse_layer / conv_seg; ema_model.* and imnet_model.* ignored):
+                  config.model.decoder='daformer'.
+                  The three MiT layouts are mapped by `jaxda.interop.mit_layout`.
   disc_adaptseg   AdaptSegNet's FCDiscriminator: `conv1..conv4`, `classifier`.
   disc_advent     ADVENT's nn.Sequential discriminator: `0, 2, 4, 6, 8`.
 
@@ -117,6 +127,7 @@ _MODEL_TITLES = {
     "deeplab_v2": "DeepLabV2",
     "deeplabv3plus": "DeepLabV3+",
     "proda_deeplab_v2": "ProDA DeepLabV2",
+    "segformer": "SegFormer / DAFormer (MiT)",
 }
 PRODA_MODEL = "proda_deeplab_v2"
 # ProDA's `.pkl` entries that are not the segmentation network's weights.
@@ -224,6 +235,21 @@ LAYOUTS = {
             variant="jfzhang95",
         ),
         Layout(
+            "mit",
+            "SegFormer MiT ImageNet encoder (mit_b*.pth; head.* classifier skipped)",
+            model="segformer",
+        ),
+        Layout(
+            "segformer",
+            "NVlabs SegFormer (backbone.*, decode_head.linear_c*/linear_fuse/linear_pred)",
+            model="segformer",
+        ),
+        Layout(
+            "daformer",
+            "DAFormer training checkpoint (model.*; ema_model.*, imnet_model.* ignored)",
+            model="segformer",
+        ),
+        Layout(
             "disc_adaptseg",
             "AdaptSegNet FCDiscriminator (conv1..conv4, classifier)",
             kind="discriminator",
@@ -303,6 +329,9 @@ def detect_layout(keys, container: str = "bare") -> str:
 
     multi = "maxsquare" if module_prefixed or container == "state_dict" else "deeplab_multi"
     rules = (  # First match wins.
+        (any_starts("patch_embed1."), "mit"),
+        (any_starts("backbone.patch_embed1."), "segformer"),
+        (any_starts("model.backbone.patch_embed1."), "daformer"),
         (any_starts("Scale."), "deeplab_init"),
         (any_starts("backbone.model."), "dasac"),
         # Before torchvision: RobustNet's layer1..4 carry torchvision names too, and its stem is
@@ -350,6 +379,11 @@ def check_model(layout: str, model_name: str, variant: str | None = None) -> Non
                 "convert with config.model.name='proda_deeplab_v2' (the whole network, e.g. "
                 "--config.model.name=proda_deeplab_v2 --config.model.head_width=256 and "
                 "--config.model.bn_clr for stage 2/3 files) or 'deeplab_v2' (the backbone only)"
+            )
+        elif spec.model == "segformer":
+            how = (
+                "convert with a MiT config (config.model.name='segformer', "
+                "`configs.common.use_mit`)"
             )
         elif spec.model == "deeplabv3plus":
             how = (

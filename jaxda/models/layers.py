@@ -172,6 +172,47 @@ def resize_bilinear_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Ar
         return jnp.einsum("pw,nowc->nopc", cols, x, precision=highest)
 
 
+@functools.lru_cache(maxsize=64)
+def _half_pixel_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out_size, in_size] weights of PyTorch's bilinear `align_corners=False` resizing to a
+    given size: source = (i + 0.5) * in / out - 0.5, clamped at 0; the upper neighbour is
+    clamped to the last row."""
+    positions = (np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5
+    positions = np.maximum(positions, 0.0)
+    lower = np.minimum(np.floor(positions).astype(np.int64), in_size - 1)
+    upper = np.minimum(lower + 1, in_size - 1)
+    weight_upper = positions - lower
+    matrix = np.zeros((out_size, in_size), np.float64)
+    np.add.at(matrix, (np.arange(out_size), lower), 1.0 - weight_upper)
+    np.add.at(matrix, (np.arange(out_size), upper), weight_upper)
+    return matrix.astype(np.float32)
+
+
+def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Bilinear resize with PyTorch `align_corners=False` semantics (mmseg's `resize` in the
+    SegFormer / DAFormer heads), as two matrix products like `resize_bilinear_align_corners`.
+
+    No antialiasing: downsampling samples 2 x 2 neighbours as PyTorch does (`jax.image.resize`
+    antialiases).
+
+    Args:
+      x: [batch, height, width, channels].
+      size: (out_height, out_width).
+
+    Returns:
+      [batch, out_height, out_width, channels], same dtype as `x`.
+    """
+    out_h, out_w = size
+    if x.shape[1:3] == (out_h, out_w):
+        return x
+    rows = jnp.asarray(_half_pixel_matrix(x.shape[1], out_h), x.dtype)
+    cols = jnp.asarray(_half_pixel_matrix(x.shape[2], out_w), x.dtype)
+    highest = jax.lax.Precision.HIGHEST
+    with jax.named_scope("resize"):
+        x = jnp.einsum("oh,nhwc->nowc", rows, x, precision=highest)
+        return jnp.einsum("pw,nowc->nopc", cols, x, precision=highest)
+
+
 def max_pool_ceil(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
     """Max pooling with PyTorch `ceil_mode=True` output sizes ([N, H, W, C] -> [N, H', W', C]).
 

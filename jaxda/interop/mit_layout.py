@@ -1,0 +1,371 @@
+"""MiT / SegFormer / DAFormer PyTorch state dicts -> the variables of
+`jaxda.models.segformer.SegFormer` (NumPy only; `jaxda.interop.convert` reads the files).
+
+A mapping of its own rather than rules in `torch_layouts`: those are built around ResNet
+blocks and DeepLab's ASPP heads, while MiT's keys translate one to one by name. Layouts (their
+`Layout` entries, descriptions and detection live in `jaxda.interop.layouts`):
+
+  mit        SegFormer's ImageNet encoders `mit_b0.pth` .. `mit_b5.pth`: a raw state dict of
+             patch_embed{1..4}.*, block{1..4}.{j}.*, norm{1..4}.* and the 1000-class classifier
+             `head.*`, which is skipped (the official code drops it too). Into either decoder;
+             the decoder keeps its initialisation.
+  segformer  NVlabs SegFormer segmentation checkpoints {'meta', 'state_dict'}: backbone.*,
+             decode_head.linear_c{1..4}.proj, linear_fuse.{conv,bn}, linear_pred (decoder
+             'mlp'); the unused decode_head.conv_seg is skipped. NVlabs concatenates the stage
+             embeddings [c4, c3, c2, c1], jaxda [c1, c2, c3, c4]: linear_fuse's input channels
+             are permuted accordingly.
+  daformer   DAFormer training checkpoints (the whole UDA wrapper): the student `model.`
+             (backbone.*, decode_head.embed_layers / fuse_layer / conv_seg; decoder
+             'daformer') is loaded; the EMA teacher `ema_model.*` and the frozen ImageNet copy
+             `imnet_model.*` are ignored. HRDA / MIC(HRDA) files are refused.
+
+Encoder keys -> params/backbone/...: patch_embed{i}.proj -> patch_embed{i}/proj,
+block{i}.{j}.attn.q -> block{i}_{j}/attn/q, block{i}.{j}.mlp.dwconv.dwconv -> .../mlp/dwconv,
+norm{i} -> norm{i}; LayerNorm weight -> scale. Head keys: '.' between a module and its index
+becomes '_' (embed_layers.0 -> embed_layers_0); BN weight / bias -> params scale / bias,
+running_mean / running_var -> batch_stats mean / var; num_batches_tracked is ignored. Linear
+[out, in] -> kernel [in, out]; conv OIHW -> HWIO (depthwise [C, 1, 3, 3] -> [3, 3, 1, C]).
+"""
+
+import collections
+import re
+from collections.abc import Mapping
+
+import numpy as np
+from flax import traverse_util
+
+from jaxda.interop.key_names import path_str
+from jaxda.interop.layouts import ConversionError, strip_module
+from jaxda.interop.torch_layouts import ConversionReport
+
+MIT_LAYOUTS = ("mit", "segformer", "daformer")
+MODEL = "segformer"  # config.model.name of `jaxda.models.segformer.SegFormer`.
+# layout -> the config.model.decoder whose parameters the file's head fills ('' = no head).
+DECODERS = {"mit": "", "segformer": "mlp", "daformer": "daformer"}
+# layout -> (encoder key prefix, decoder key prefix).
+PREFIXES = {
+    "mit": ("", None),
+    "segformer": ("backbone.", "decode_head."),
+    "daformer": ("model.backbone.", "model.decode_head."),
+}
+# layout -> [(regex, reason)] of keys that are recognised and not loaded.
+SKIP = {
+    "mit": [
+        (r"head\.(weight|bias)", "MiT's ImageNet classifier (1000 classes): not part of the "
+         "segmentation network (the official code drops it, load_state_dict(strict=False))"),
+    ],
+    "segformer": [
+        (r"decode_head\.conv_seg\.(weight|bias)", "mmseg's BaseDecodeHead.conv_seg, unused by "
+         "SegFormer's head (its classifier is linear_pred)"),
+    ],
+    "daformer": [],
+}  # fmt: skip
+IGNORE = {
+    "mit": [],
+    "segformer": [],
+    "daformer": [
+        (r"ema_model\..*", "DAFormer's EMA teacher (the student `model.` is converted)"),
+        (r"imnet_model\..*", "DAFormer's frozen ImageNet encoder copy (feature distance)"),
+    ],
+}
+_NUM_BATCHES_TRACKED = "BatchNorm step counter (unused by jaxda)"
+_BN_FIELDS = {
+    "weight": ("params", "scale"),
+    "bias": ("params", "bias"),
+    "running_mean": ("batch_stats", "mean"),
+    "running_var": ("batch_stats", "var"),
+}
+_PARAM = r"(weight|bias)"
+_BN = r"(weight|bias|running_mean|running_var)"
+
+
+def encoder_path(name: str) -> tuple | None:
+    """'block3.17.attn.kv.weight' -> ('params', 'backbone', 'block3_17', 'attn', 'kv',
+    'kernel'); None for a name that is not an encoder tensor."""
+    if m := re.fullmatch(rf"patch_embed([1-4])\.(proj|norm)\.{_PARAM}", name):
+        module, leaf = m[2], m[3]
+        return ("params", "backbone", f"patch_embed{m[1]}", module, _leaf(module, leaf))
+    if m := re.fullmatch(rf"norm([1-4])\.{_PARAM}", name):
+        return ("params", "backbone", f"norm{m[1]}", _leaf("norm", m[2]))
+    m = re.fullmatch(
+        rf"block([1-4])\.(\d+)\.(norm1|norm2|attn\.(?:q|kv|sr|norm|proj)|"
+        rf"mlp\.(?:fc1|fc2|dwconv\.dwconv))\.{_PARAM}",
+        name,
+    )
+    if m:
+        modules = m[3].replace("dwconv.dwconv", "dwconv").split(".")
+        block = f"block{m[1]}_{int(m[2])}"
+        return ("params", "backbone", block, *modules, _leaf(modules[-1], m[4]))
+    return None
+
+
+def _leaf(module: str, field: str) -> str:
+    if field == "bias":
+        return "bias"
+    return "scale" if module.startswith("norm") else "kernel"
+
+
+def _bn(modules: tuple, field: str) -> tuple:
+    collection, leaf = _BN_FIELDS[field]
+    return (collection, "head", *modules, "bn", leaf)
+
+
+def _conv_or_bn(modules: tuple, kind: str, field: str) -> tuple | None:
+    """A ConvModule's conv (weight only) or bn tensor."""
+    if kind == "bn":
+        return _bn(modules, field)
+    return ("params", "head", *modules, "conv", "kernel") if field == "weight" else None
+
+
+def decoder_path(name: str, decoder: str) -> tuple | None:
+    """Variable path of a decode-head tensor name (without 'decode_head.') of `decoder`
+    ('daformer' or 'mlp'), or None."""
+    return _daformer_path(name) if decoder == "daformer" else _segformer_path(name)
+
+
+def _daformer_path(name: str) -> tuple | None:
+    if m := re.fullmatch(rf"embed_layers\.(\d)\.proj\.{_PARAM}", name):
+        return ("params", "head", f"embed_layers_{m[1]}", _leaf("proj", m[2]))
+    if m := re.fullmatch(rf"conv_seg\.{_PARAM}", name):
+        return ("params", "head", "conv_seg", _leaf("conv", m[1]))
+    if m := re.fullmatch(rf"fuse_layer\.bottleneck\.(conv|bn)\.{_BN}", name):
+        return _conv_or_bn(("fuse_layer", "bottleneck"), m[1], m[2])
+    m = re.fullmatch(
+        rf"fuse_layer\.aspp_modules\.(\d+)\.((?:depthwise_conv|pointwise_conv)\.)?"
+        rf"(conv|bn)\.{_BN}",
+        name,
+    )
+    if not m:
+        return None
+    modules = ("fuse_layer", f"aspp_modules_{m[1]}")
+    if m[2]:
+        modules = (*modules, m[2][:-1])
+    return _conv_or_bn(modules, m[3], m[4])
+
+
+def _segformer_path(name: str) -> tuple | None:
+    if m := re.fullmatch(rf"linear_c([1-4])\.proj\.{_PARAM}", name):
+        return ("params", "head", f"linear_c{m[1]}", _leaf("proj", m[2]))
+    if m := re.fullmatch(rf"linear_pred\.{_PARAM}", name):
+        return ("params", "head", "linear_pred", _leaf("conv", m[1]))
+    if m := re.fullmatch(rf"linear_fuse\.(conv|bn)\.{_BN}", name):
+        return _conv_or_bn(("linear_fuse",), m[1], m[2])
+    return None
+
+
+def _to_jax_layout(value: np.ndarray) -> np.ndarray:
+    """Conv OIHW -> HWIO; Linear [out, in] -> Dense kernel [in, out]."""
+    if value.ndim == 4:
+        return np.transpose(value, (2, 3, 1, 0))
+    return value.T if value.ndim == 2 else value
+
+
+def _torch_shape(shape) -> tuple:
+    shape = tuple(shape)
+    if len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    return shape[::-1] if len(shape) == 2 else shape
+
+
+def _nvlabs_fuse_order(weight: np.ndarray) -> np.ndarray:
+    """linear_fuse.conv.weight [E, 4E, 1, 1] with inputs [c4, c3, c2, c1] -> [c1, .., c4]."""
+    e = weight.shape[0]
+    blocks = weight.reshape(e, 4, weight.shape[1] // 4, *weight.shape[2:])
+    return blocks[:, ::-1].reshape(weight.shape)
+
+
+def encoder_structure(paths) -> tuple[int, ...]:
+    """Blocks per stage (0 when absent) of encoder variable paths (('params', 'backbone',
+    'block3_17', ...))."""
+    counts = collections.Counter()
+    for path in paths:
+        if len(path) > 2 and (m := re.fullmatch(r"block([1-4])_(\d+)", path[2])):
+            counts[int(m[1])] = max(counts[int(m[1])], int(m[2]) + 1)
+    return tuple(counts.get(stage, 0) for stage in range(1, 5))
+
+
+def _variant_name(depths, dims) -> str:
+    from jaxda.models import mit  # Import here: models pull in JAX, this module is NumPy.
+
+    for name, (variant_dims, variant_depths) in mit.VARIANTS.items():
+        if tuple(variant_depths) == tuple(depths) and tuple(variant_dims) == tuple(dims):
+            return f"MiT-{name.upper()}"
+    return "a custom MiT"
+
+
+def _embed_dims(shapes: Mapping[int, tuple]) -> tuple:
+    return tuple(shapes.get(stage, (0,))[0] for stage in range(1, 5))
+
+
+def map_state_dict(
+    state_dict: Mapping[str, object],
+    target: Mapping,
+    layout: str,
+    *,
+    decoder: str,
+    container: str = "bare",
+    container_entries=(),
+    skip_head: bool = False,
+) -> tuple[dict, ConversionReport]:
+    """Maps a flat PyTorch state dict of a MiT layout onto SegFormer variables.
+
+    Args:
+      state_dict: name -> array (PyTorch layouts); a leading 'module.' is stripped.
+      target: the model's variables or their shapes ({'params', 'batch_stats'}).
+      layout: one of `MIT_LAYOUTS`.
+      decoder: the model's config.model.decoder ('daformer' or 'mlp').
+      container / container_entries: from `layouts.unwrap`, for the report.
+      skip_head: load the encoder only (a file whose head has another class count or
+        another decoder); its head keys are skipped.
+
+    Returns:
+      ({variable path: float32 array, Flax layout}, report): every key of the file is loaded,
+      skipped or ignored with the reason, or listed as unexpected.
+
+    Raises:
+      ConversionError: another decoder than the file's (without skip_head), an HRDA file, an
+        encoder of another shape (naming its variant, the keys and both shapes), a head of
+        another shape (another class count: pass --skip_head or set --config.num_classes).
+    """
+    if layout not in MIT_LAYOUTS:
+        raise ConversionError(f"{layout!r} is not a MiT layout ({MIT_LAYOUTS})")
+    names = {key: strip_module(key) for key in state_dict}
+    if any(".decode_head.scale_attention." in f".{n}" for n in names.values()):
+        raise ConversionError(
+            "The file is an HRDA / MIC(HRDA) checkpoint (decode_head.scale_attention.*): "
+            "jaxda has no HRDA head; its encoder and DAFormer head sit under other names."
+        )
+    encoder_prefix, head_prefix = PREFIXES[layout]
+    file_decoder = DECODERS[layout]
+    has_head = bool(head_prefix) and any(n.startswith(head_prefix) for n in names.values())
+    if has_head and file_decoder != decoder and not skip_head:
+        raise ConversionError(
+            f"The file's decode head is {_DECODER_TITLES[file_decoder]} (layout {layout!r}), "
+            f"the config's config.model.decoder={decoder!r}: pass "
+            f"--config.model.decoder={file_decoder}, or --skip_head to load the encoder only."
+        )
+    targets = traverse_util.flatten_dict(target)
+    report = ConversionReport(layout=layout, container=container)
+    for entry in container_entries:
+        report.ignored[entry] = f"{container} checkpoint entry (not network weights)"
+    entries = {}  # path -> (key, value in PyTorch layout)
+    for key, name in names.items():
+        reason = next((r for p, r in IGNORE[layout] if re.fullmatch(p, name)), None)
+        if reason is None and name.endswith("num_batches_tracked"):
+            reason = _NUM_BATCHES_TRACKED
+        if reason is not None:
+            report.ignored[key] = reason
+            continue
+        reason = next((r for p, r in SKIP[layout] if re.fullmatch(p, name)), None)
+        if reason is not None:
+            report.skipped[key] = reason
+            continue
+        path = None
+        if name.startswith(encoder_prefix):
+            path = encoder_path(name[len(encoder_prefix) :])
+        if path is None and head_prefix and name.startswith(head_prefix):
+            if skip_head:
+                report.skipped[key] = "--skip_head: the decoder keeps its initialisation"
+                continue
+            path = decoder_path(name[len(head_prefix) :], file_decoder)
+        if path is None:
+            report.unexpected.append(key)
+            continue
+        value = np.asarray(state_dict[key])
+        if layout == "segformer" and path[2:] == ("linear_fuse", "conv", "kernel"):
+            value = _nvlabs_fuse_order(value)
+        entries[path] = (key, value)
+
+    head_unknown = [k for k in report.unexpected if names[k].startswith(head_prefix or "\0")]
+    if head_unknown:  # Else the decoder would silently keep its initialisation.
+        raise ConversionError(
+            f"The file's decode head is not {_DECODER_TITLES[file_decoder]} as layout "
+            f"{layout!r} expects: {len(head_unknown)} key(s) not understood, e.g. "
+            f"{head_unknown[:3]}. Pass --skip_head to load the encoder only."
+        )
+    _check_encoder(entries, targets)
+    _check_shapes(entries, targets)
+    loaded = {}
+    for path, (key, value) in entries.items():
+        if path not in targets:
+            report.unexpected.append(key)
+            continue
+        dtype = getattr(targets[path], "dtype", np.float32)
+        # A copy: the arrays must not alias the caller's (e.g. a live torch model's) memory.
+        loaded[path] = np.array(_to_jax_layout(value), dtype=dtype, order="C", copy=True)
+        report.loaded[key] = path_str(path)
+    report.missing = [path_str(p) for p in targets if p not in loaded]
+    report.unexpected = sorted(report.unexpected)
+    if not loaded:
+        raise ConversionError(
+            f"No tensor of the file matches layout {layout!r} (keys not understood, e.g. "
+            f"{report.unexpected[:4]})."
+        )
+    if not any(p[1] == "head" for p in loaded):
+        report.notes.append("the decoder is not in the file: it keeps its initialisation")
+    if layout == "segformer" and not skip_head:
+        report.notes.append(
+            "linear_fuse's input channels were reordered from NVlabs' [c4, c3, c2, c1] to "
+            "jaxda's [c1, c2, c3, c4]"
+        )
+    if report.unexpected:
+        report.notes.append(
+            f"{len(report.unexpected)} key(s) were not understood in layout {layout!r} and "
+            "were not loaded"
+        )
+    return loaded, report
+
+
+_DECODER_TITLES = {"mlp": "SegFormer's all-MLP head", "daformer": "DAFormer's head"}
+
+
+def _check_encoder(entries: dict, targets: dict) -> None:
+    """Raises when the file's encoder has other depths or widths than the model's, naming
+    both variants and the first keys whose shapes differ."""
+    in_file = {p: v for p, (_, v) in entries.items() if p[1] == "backbone"}
+    if not in_file:
+        return
+    file_depths, model_depths = encoder_structure(in_file), encoder_structure(targets)
+
+    def widths(shapes):
+        return _embed_dims({int(p[2][-1]): s for p, s in shapes.items() if p[2].startswith("norm")})
+
+    file_dims = widths({p: v.shape for p, v in in_file.items() if p[-1] == "scale"})
+    model_dims = widths({p: _torch_shape(t.shape) for p, t in targets.items()
+                         if p[1] == "backbone" and p[-1] == "scale"})  # fmt: skip
+    if file_depths == model_depths and file_dims == model_dims:
+        return
+    problems = [
+        f"  {entries[p][0]}: file {tuple(v.shape)}, model {_torch_shape(targets[p].shape)}"
+        for p, v in in_file.items()
+        if p in targets and tuple(v.shape) != _torch_shape(targets[p].shape)
+    ][:6]
+    if file_depths != model_depths:
+        problems.append(f"  blocks per stage: file {file_depths}, model {model_depths}")
+    file_variant = _variant_name(file_depths, file_dims)
+    hint = (
+        f"pass --config.model.variant={file_variant[4:].lower()}"
+        if file_variant.startswith("MiT-")
+        else "set --config.model.embed_dims / depths to the file's"
+    )
+    raise ConversionError(
+        f"The file's encoder is {file_variant} (depths {file_depths}, widths {file_dims}), the "
+        f"config's model {_variant_name(model_depths, model_dims)} (depths {model_depths}, "
+        f"widths {model_dims}):\n" + "\n".join(problems) + f"\n{hint}."
+    )
+
+
+def _check_shapes(entries: dict, targets: dict) -> None:
+    problems = [
+        (key, tuple(value.shape), _torch_shape(targets[path].shape))
+        for path, (key, value) in entries.items()
+        if path in targets and tuple(value.shape) != _torch_shape(targets[path].shape)
+    ]
+    if problems:
+        lines = "\n".join(f"  {k}: file {a}, model {b}" for k, a, b in problems[:10])
+        raise ConversionError(
+            f"Shape mismatch (PyTorch layout [out, in, kh, kw]):\n{lines}\nThe decoder "
+            "differs (another class count or width?): pass --skip_head to load the encoder "
+            "only, or set --config.num_classes / config.model.decoder_embed_dim / "
+            "decoder_width to the file's."
+        )
