@@ -421,12 +421,14 @@ def use_mit(
             "conv_impl": CONV_IMPL,  # As in base_config.
             # As in base_config; for MiT it sets the matrix products' dtype too.
             "dtype": DTYPE,
+            "block_barrier": BLOCK_BARRIER,  # As in base_config, per transformer block.
             "remat": False,  # As in base_config, per transformer block.
         }
     )
     c.data.update(NORMALIZATIONS["imagenet"])
     if synthetic:
         c.model.conv_impl = SYNTHETIC_CONV_IMPL
+        c.model.block_barrier = SYNTHETIC_BLOCK_BARRIER
         c.model.embed_dims = (16, 32, 48, 64)
         c.model.depths = (1, 1, 1, 1)
         c.model.num_heads = (1, 2, 3, 4)

@@ -161,11 +161,17 @@ def resize_bilinear_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Ar
     Returns:
       [batch, out_height, out_width, channels], same dtype as `x`.
     """
+    return _resize_by_matrices(x, size, _align_corners_matrix)
+
+
+def _resize_by_matrices(x: jax.Array, size: tuple[int, int], matrix) -> jax.Array:
+    """x [N, H, W, C] -> [N, *size, C]: rows then columns, each a product with `matrix(in_size,
+    out_size)`'s [out, in] interpolation weights."""
     out_h, out_w = size
     if x.shape[1:3] == (out_h, out_w):
         return x
-    rows = jnp.asarray(_align_corners_matrix(x.shape[1], out_h), x.dtype)
-    cols = jnp.asarray(_align_corners_matrix(x.shape[2], out_w), x.dtype)
+    rows = jnp.asarray(matrix(x.shape[1], out_h), x.dtype)
+    cols = jnp.asarray(matrix(x.shape[2], out_w), x.dtype)
     highest = jax.lax.Precision.HIGHEST  # No TF32/bf16 passes: match PyTorch's float32.
     with jax.named_scope("resize"):  # Names the ops in profiles (benchmarks/step_profile.py).
         x = jnp.einsum("oh,nhwc->nowc", rows, x, precision=highest)
@@ -202,15 +208,7 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     Returns:
       [batch, out_height, out_width, channels], same dtype as `x`.
     """
-    out_h, out_w = size
-    if x.shape[1:3] == (out_h, out_w):
-        return x
-    rows = jnp.asarray(_half_pixel_matrix(x.shape[1], out_h), x.dtype)
-    cols = jnp.asarray(_half_pixel_matrix(x.shape[2], out_w), x.dtype)
-    highest = jax.lax.Precision.HIGHEST
-    with jax.named_scope("resize"):
-        x = jnp.einsum("oh,nhwc->nowc", rows, x, precision=highest)
-        return jnp.einsum("pw,nowc->nopc", cols, x, precision=highest)
+    return _resize_by_matrices(x, size, _half_pixel_matrix)
 
 
 def max_pool_ceil(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:

@@ -223,7 +223,8 @@ class Block(nn.Module):
         y = MixFFN(x.shape[-1] * self.mlp_ratio, self.convolution, name="mlp")(
             layer_norm(BLOCK_NORM_EPS, "norm2")(x)
         )
-        return x + drop(y, deterministic)
+        # Stored once (config.model.block_barrier), not recomputed along the residual chain.
+        return self.convolution.block_output(x + drop(y, deterministic))
 
 
 class MixVisionTransformer(nn.Module):

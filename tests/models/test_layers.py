@@ -101,3 +101,18 @@ def test_is_batch_norm_param():
     assert layers.is_batch_norm_param(("backbone", "layer1_0", "bn_downsample", "bias"))
     assert not layers.is_batch_norm_param(("backbone", "layer1_0", "conv1", "kernel"))
     assert not layers.is_batch_norm_param(("head_main", "branch0", "bias"))
+
+
+@pytest.mark.parametrize(
+    ("in_hw", "out_hw"), [((9, 17), (36, 68)), ((5, 7), (33, 65)), ((16, 24), (7, 9))]
+)
+def test_half_pixel_resize_matches_torch_interpolate(in_hw, out_hw):
+    """`resize_bilinear` against PyTorch itself: F.interpolate(bilinear, align_corners=False),
+    upsampling and (non-antialiased) downsampling."""
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(2).normal(size=(2, *in_hw, 3)).astype(np.float32)
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(x).permute(0, 3, 1, 2), size=out_hw, mode="bilinear", align_corners=False
+    )
+    got = np.asarray(layers.resize_bilinear(jnp.asarray(x), out_hw))
+    np.testing.assert_allclose(got, expected.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
