@@ -36,7 +36,7 @@ from flax import traverse_util
 
 from jaxda.interop.key_names import path_str
 from jaxda.interop.layouts import ConversionError, strip_module
-from jaxda.interop.torch_layouts import ConversionReport
+from jaxda.interop.torch_layouts import ConversionReport, to_jax_layout, torch_shape
 
 MIT_LAYOUTS = ("mit", "segformer", "daformer")
 MODEL = "segformer"  # config.model.name of `jaxda.models.segformer.SegFormer`.
@@ -151,20 +151,6 @@ def _segformer_path(name: str) -> tuple | None:
     if m := re.fullmatch(rf"linear_fuse\.(conv|bn)\.{_BN}", name):
         return _conv_or_bn(("linear_fuse",), m[1], m[2])
     return None
-
-
-def _to_jax_layout(value: np.ndarray) -> np.ndarray:
-    """Conv OIHW -> HWIO; Linear [out, in] -> Dense kernel [in, out]."""
-    if value.ndim == 4:
-        return np.transpose(value, (2, 3, 1, 0))
-    return value.T if value.ndim == 2 else value
-
-
-def _torch_shape(shape) -> tuple:
-    shape = tuple(shape)
-    if len(shape) == 4:
-        return (shape[3], shape[2], shape[0], shape[1])
-    return shape[::-1] if len(shape) == 2 else shape
 
 
 def _nvlabs_fuse_order(weight: np.ndarray) -> np.ndarray:
@@ -292,7 +278,7 @@ def map_state_dict(
             continue
         dtype = getattr(targets[path], "dtype", np.float32)
         # A copy: the arrays must not alias the caller's (e.g. a live torch model's) memory.
-        loaded[path] = np.array(_to_jax_layout(value), dtype=dtype, order="C", copy=True)
+        loaded[path] = np.array(to_jax_layout(value), dtype=dtype, order="C", copy=True)
         report.loaded[key] = path_str(path)
     report.missing = [path_str(p) for p in targets if p not in loaded]
     report.unexpected = sorted(report.unexpected)
@@ -331,14 +317,14 @@ def _check_encoder(entries: dict, targets: dict) -> None:
         return _embed_dims({int(p[2][-1]): s for p, s in shapes.items() if p[2].startswith("norm")})
 
     file_dims = widths({p: v.shape for p, v in in_file.items() if p[-1] == "scale"})
-    model_dims = widths({p: _torch_shape(t.shape) for p, t in targets.items()
+    model_dims = widths({p: torch_shape(t.shape) for p, t in targets.items()
                          if p[1] == "backbone" and p[-1] == "scale"})  # fmt: skip
     if file_depths == model_depths and file_dims == model_dims:
         return
     problems = [
-        f"  {entries[p][0]}: file {tuple(v.shape)}, model {_torch_shape(targets[p].shape)}"
+        f"  {entries[p][0]}: file {tuple(v.shape)}, model {torch_shape(targets[p].shape)}"
         for p, v in in_file.items()
-        if p in targets and tuple(v.shape) != _torch_shape(targets[p].shape)
+        if p in targets and tuple(v.shape) != torch_shape(targets[p].shape)
     ][:6]
     if file_depths != model_depths:
         problems.append(f"  blocks per stage: file {file_depths}, model {model_depths}")
@@ -357,9 +343,9 @@ def _check_encoder(entries: dict, targets: dict) -> None:
 
 def _check_shapes(entries: dict, targets: dict) -> None:
     problems = [
-        (key, tuple(value.shape), _torch_shape(targets[path].shape))
+        (key, tuple(value.shape), torch_shape(targets[path].shape))
         for path, (key, value) in entries.items()
-        if path in targets and tuple(value.shape) != _torch_shape(targets[path].shape)
+        if path in targets and tuple(value.shape) != torch_shape(targets[path].shape)
     ]
     if problems:
         lines = "\n".join(f"  {k}: file {a}, model {b}" for k, a, b in problems[:10])

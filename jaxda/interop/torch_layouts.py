@@ -120,14 +120,14 @@ def _target_model(target: Mapping) -> str:
     return "deeplab_v2"
 
 
-def _to_jax_layout(value: np.ndarray) -> np.ndarray:
+def to_jax_layout(value: np.ndarray) -> np.ndarray:
     """Conv OIHW -> HWIO; Linear [out, in] -> Dense kernel [in, out] (the only 2-D tensors)."""
     if value.ndim == 4:
         return np.transpose(value, (2, 3, 1, 0))
     return value.T if value.ndim == 2 else value
 
 
-def _torch_shape(shape) -> tuple:
+def torch_shape(shape) -> tuple:
     """A Flax kernel shape (HWIO, or a Dense [in, out]) as PyTorch's (OIHW, [out, in])."""
     shape = tuple(shape)
     if len(shape) == 4:
@@ -275,7 +275,7 @@ def map_state_dict(
             continue
         dtype = getattr(targets[path], "dtype", np.float32)
         # A copy: the arrays must not alias the caller's (e.g. a live torch model's) memory.
-        loaded[path] = np.array(_to_jax_layout(entry.value), dtype=dtype, order="C", copy=True)
+        loaded[path] = np.array(to_jax_layout(entry.value), dtype=dtype, order="C", copy=True)
         report.loaded[entry.key] = path_str(path)
     report.missing = [path_str(p) for p in targets if p not in loaded]
     report.unexpected = sorted(report.unexpected)
@@ -398,7 +398,7 @@ def _check_shapes(entries, targets, spec, report, skip_head) -> None:
     mismatched = collections.defaultdict(list)  # group -> [(key, file shape, model shape)]
     for path, entry in entries.items():
         if path in targets:
-            expected = _torch_shape(targets[path].shape)
+            expected = torch_shape(targets[path].shape)
             if tuple(entry.value.shape) != expected:
                 mismatched[entry.group].append((entry.key, tuple(entry.value.shape), expected))
     for group in sorted({e.group for e in entries.values() if _is_head(e.group)}):

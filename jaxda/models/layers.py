@@ -135,9 +135,16 @@ def _align_corners_matrix(in_size: int, out_size: int) -> np.ndarray:
         positions = np.arange(out_size, dtype=np.float64) * ((in_size - 1) / (out_size - 1))
     else:
         positions = np.zeros((1,), np.float64)
-    lower = np.clip(np.floor(positions).astype(np.int64), 0, in_size - 1)
+    return _interpolation_matrix(positions, in_size)
+
+
+def _interpolation_matrix(positions: np.ndarray, in_size: int) -> np.ndarray:
+    """[len(positions), in_size] linear-interpolation weights of the source `positions`
+    (each >= 0): the lower neighbour and the next one, both clamped to the last row."""
+    lower = np.minimum(np.floor(positions).astype(np.int64), in_size - 1)
     upper = np.minimum(lower + 1, in_size - 1)
     weight_upper = positions - lower
+    out_size = len(positions)
     matrix = np.zeros((out_size, in_size), np.float64)
     np.add.at(matrix, (np.arange(out_size), lower), 1.0 - weight_upper)
     np.add.at(matrix, (np.arange(out_size), upper), weight_upper)
@@ -184,14 +191,7 @@ def _half_pixel_matrix(in_size: int, out_size: int) -> np.ndarray:
     given size: source = (i + 0.5) * in / out - 0.5, clamped at 0; the upper neighbour is
     clamped to the last row."""
     positions = (np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5
-    positions = np.maximum(positions, 0.0)
-    lower = np.minimum(np.floor(positions).astype(np.int64), in_size - 1)
-    upper = np.minimum(lower + 1, in_size - 1)
-    weight_upper = positions - lower
-    matrix = np.zeros((out_size, in_size), np.float64)
-    np.add.at(matrix, (np.arange(out_size), lower), 1.0 - weight_upper)
-    np.add.at(matrix, (np.arange(out_size), upper), weight_upper)
-    return matrix.astype(np.float32)
+    return _interpolation_matrix(np.maximum(positions, 0.0), in_size)
 
 
 def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
