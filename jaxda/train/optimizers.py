@@ -44,7 +44,8 @@ def warmup_poly_schedule(
 
     def learning_rate(count):
         count = jnp.asarray(count, jnp.float32)
-        factor = 1.0 - (1.0 - count / warmup_steps) * (1.0 - warmup_ratio)
+        # = 1 - (1 - i / w)(1 - ratio), written without float32 cancellation near i = 0.
+        factor = warmup_ratio + (1.0 - warmup_ratio) * count / warmup_steps
         return poly(count) * jnp.where(count < warmup_steps, factor, 1.0)
 
     return learning_rate
