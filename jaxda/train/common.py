@@ -10,7 +10,7 @@ import optax
 
 from jaxda.data.labels import IGNORE_LABEL
 from jaxda.losses import adversarial, segmentation
-from jaxda.models.layers import resize_bilinear_align_corners
+from jaxda.models.layers import resize_bilinear, resize_bilinear_align_corners
 from jaxda.train.state import TrainState
 
 
@@ -70,9 +70,13 @@ def source_head_weights(config) -> dict[str, float]:
     return {"main": 1.0, "aux": config.loss.lambda_seg_aux}
 
 
-def upsample(outputs: Mapping[str, jax.Array], size: tuple[int, int]) -> dict[str, jax.Array]:
-    """Upsamples every head's logits to `size` (align_corners=True, as the methods do)."""
-    return {head: resize_bilinear_align_corners(x, size) for head, x in outputs.items()}
+def upsample(
+    outputs: Mapping[str, jax.Array], size: tuple[int, int], align_corners: bool = True
+) -> dict[str, jax.Array]:
+    """Upsamples every head's logits to `size` (bilinear; align_corners=True, as the
+    DeepLabV2-era methods do; False: mmseg's `resize`, as DAFormer's code does)."""
+    resize = resize_bilinear_align_corners if align_corners else resize_bilinear
+    return {head: resize(x, size) for head, x in outputs.items()}
 
 
 def supervised_loss(

@@ -2,6 +2,7 @@
 
 from jaxda.train import (
     adversarial,
+    dacs,
     dasac,
     dasac_passes,
     proda,
@@ -29,6 +30,7 @@ METHODS = {
     "dasac_abn": dasac.ABN,
     "dasac_sac": dasac.SAC,
     "robustnet": robustnet.METHOD,
+    "dacs": dacs.METHOD,
 }
 del proda_passes, dasac_passes  # Imported for their offline passes (`offline.PASSES`).
 for _name in ("tent", "bn_adapt"):

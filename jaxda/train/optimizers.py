@@ -1,8 +1,9 @@
 """One optax transformation over the parameters of every trained network of a method.
 
 Each trained network names its config block (`spec.Network.optimizer`): 'optimizer' (the
-segmentation network: SGD, momentum 0.9, weight decay 5e-4, poly schedule) or
-'disc_optimizer' (Adam, poly). Within a network, the model declares its parameter groups
+segmentation network: SGD, momentum 0.9, weight decay 5e-4, poly schedule; or DAFormer's
+AdamW with a linear warm-up, `name='adamw'`, `warmup_steps`) or 'disc_optimizer' (Adam, poly).
+Within a network, the model declares its parameter groups
 (`jaxda.models.param_groups`: 'backbone', 'head', ...) and the block gives each group its
 learning-rate and weight-decay multipliers; a group without a multiplier is an error, never a
 silent 1x. Frozen BN affine parameters (`layers.frozen_bn_affine`) and the block's
@@ -15,6 +16,7 @@ import re
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -32,10 +34,37 @@ def poly_schedule(base_lr: float, decay_steps: int, power: float) -> optax.Sched
     return optax.polynomial_schedule(base_lr, 0.0, power, decay_steps)
 
 
+def warmup_poly_schedule(
+    base_lr: float, decay_steps: int, power: float, warmup_steps: int, warmup_ratio: float
+) -> optax.Schedule:
+    """mmcv's PolyLrUpdaterHook with linear warm-up: the poly value of step i times
+    1 - (1 - i / warmup_steps) (1 - warmup_ratio) for i < warmup_steps (the warm-up multiplies
+    the already decayed rate; step 0 runs at warmup_ratio x base_lr), then the poly value."""
+    poly = poly_schedule(base_lr, decay_steps, power)
+
+    def learning_rate(count):
+        count = jnp.asarray(count, jnp.float32)
+        # = 1 - (1 - i / w)(1 - ratio), written without float32 cancellation near i = 0.
+        factor = warmup_ratio + (1.0 - warmup_ratio) * count / warmup_steps
+        return poly(count) * jnp.where(count < warmup_steps, factor, 1.0)
+
+    return learning_rate
+
+
 def schedule(config: ml_collections.ConfigDict, block: str = "optimizer") -> optax.Schedule:
-    """The base learning rate of config.<block> by optimizer step (groups: x multiplier)."""
+    """The base learning rate of config.<block> by optimizer step (groups: x multiplier):
+    poly, with the block's linear warm-up when `warmup_steps` > 0."""
     opt = config[block]
-    return poly_schedule(opt.learning_rate, opt.decay_steps or config.total_steps, opt.poly_power)
+    decay_steps = opt.decay_steps or config.total_steps
+    if opt.get("warmup_steps", 0):
+        return warmup_poly_schedule(
+            opt.learning_rate,
+            decay_steps,
+            opt.poly_power,
+            opt.warmup_steps,
+            opt.get("warmup_ratio", 1e-6),
+        )
+    return poly_schedule(opt.learning_rate, decay_steps, opt.poly_power)
 
 
 def path_names(path) -> tuple[str, ...]:
@@ -106,8 +135,13 @@ def _group_transform(
         update = optax.sgd(learning_rate, momentum=opt.momentum)
     elif opt.name == "adam":
         update = optax.adam(learning_rate, b1=opt.beta1, b2=opt.beta2)
+    elif opt.name == "adamw":
+        # PyTorch's AdamW: decoupled decay theta -= lr x wd x theta beside the Adam step.
+        eps = opt.get("eps", 1e-8)
+        b1, b2 = opt.beta1, opt.beta2
+        return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     else:
-        raise ValueError(f"config.{block}.name={opt.name!r}: use 'sgd' or 'adam'")
+        raise ValueError(f"config.{block}.name={opt.name!r}: use 'sgd', 'adam' or 'adamw'")
     if not weight_decay:
         return update
     return optax.chain(optax.add_decayed_weights(weight_decay), update)

@@ -20,6 +20,43 @@ def test_poly_schedule_matches_formula():
         assert float(schedule(i)) == pytest.approx(2.5e-4 * (1 - i / 250_000) ** 0.9, rel=1e-5)
 
 
+def test_warmup_poly_schedule_matches_mmcv():
+    """mmcv's PolyLrUpdaterHook with linear warm-up (DAFormer's poly10warm): the poly rate of
+    step i times 1 - (1 - i / 1500)(1 - 1e-6) below 1500 steps, then the poly rate."""
+    config = tiny_config("adaptseg")
+    opt = config.optimizer
+    opt.learning_rate, opt.poly_power, opt.decay_steps = 6e-5, 1.0, 40_000
+    opt.warmup_steps, opt.warmup_ratio = 1500, 1e-6
+    schedule = optimizers.schedule(config)
+    for i in (0, 1, 700, 1499, 1500, 20_000, 39_000):
+        poly = 6e-5 * (1 - i / 40_000)
+        factor = 1 - (1 - i / 1500) * (1 - 1e-6) if i < 1500 else 1.0
+        assert float(schedule(i)) == pytest.approx(poly * factor, rel=1e-5)
+
+
+def test_adamw_decays_decoupled_as_pytorch():
+    """Two AdamW steps of a group at lr x 10 against PyTorch's AdamW formula: theta -= lr wd
+    theta, then the bias-corrected Adam step."""
+    config = tiny_config("adaptseg")
+    opt = config.optimizer
+    opt.name, opt.learning_rate, opt.weight_decay = "adamw", 1e-3, 0.01
+    opt.beta1, opt.beta2, opt.poly_power = 0.9, 0.999, 0.0
+    tx = optimizers._group_transform(config, "optimizer", "head")
+    theta = np.array([0.5, -1.0, 2.0])
+    params, state = jnp.asarray(theta, jnp.float32), None
+    state = tx.init(params)
+    m = v = np.zeros(3)
+    for t, grad in enumerate((np.array([0.1, -0.2, 0.3]), np.array([-0.4, 0.0, 0.2])), 1):
+        updates, state = tx.update(jnp.asarray(grad, jnp.float32), state, params)
+        params = params + updates
+        lr = 1e-2  # The head's 10x.
+        theta = theta * (1 - lr * 0.01)
+        m, v = 0.9 * m + 0.1 * grad, 0.999 * v + 0.001 * grad**2
+        m_hat, v_hat = m / (1 - 0.9**t), v / (1 - 0.999**t)
+        theta = theta - lr * m_hat / (np.sqrt(v_hat) + 1e-8)
+        np.testing.assert_allclose(params, theta, rtol=1e-5)
+
+
 def _setup(config):
     return trainer.build(config, mesh_lib.make_mesh(1))
 

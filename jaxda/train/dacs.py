@@ -1,0 +1,185 @@
+"""DACS (Tranheden et al. WACV 2021): cross-domain ClassMix with an EMA teacher, as one
+train step over the generic trainer; by default as DAFormer's code re-implements it, the
+original DACS differences behind `config.dacs` keys (configs/dacs.py lists them).
+
+One iteration (step t, 0-based):
+
+1. teacher update ('before', DAFormer): teacher <- alpha_t teacher + (1 - alpha_t) student
+   with alpha_t = min(1 - 1 / (t + 1), alpha), parameters only (`ema_timing='after'`: DACS's
+   update after the optimizer step, with the same alpha_t);
+2. pseudo labels: the teacher on the unaugmented target batch (training-mode BN, i.e. the
+   target batch's statistics, no dropout / stochastic depth: `teacher_train_mode`), logits
+   upsampled to the image, softmax; labels = argmax, weight = share of pixels with maximum
+   probability >= `pseudo_threshold` (`jaxda.losses.dacs.pseudo_labels`);
+3. ClassMix (`jaxda.data.mixing`): per source image, source pixels of ceil(n / 2) of the n
+   classes of the pool over the target image; the mixed label takes the source label or the
+   pseudo label, the mixed weight 1 or the confidence weight;
+4. strong augmentation of the mixed images (`jaxda.data.strong_augment`: kornia's colour
+   jitter, then Gaussian blur), in [0, 1] pixel units between de- and re-normalisation;
+5. one optimizer step on CE(source) + `mix_weight` x the pixel-weighted CE of the mixed
+   images (a mean over all pixels), both through the student in training mode (its BN
+   statistics see the source batch, then the mixed batch).
+
+Only the 'main' head is trained (DACS and DAFormer use single-output networks; configs/dacs.py
+sets model.multi_level False). The steps that DAFormer adds around this one (rare-class
+sampling of the source stream, the ImageNet feature distance on the source features, the
+pseudo-label crop of the target weights) fit in at 1 (a stream option), in `loss_fn` (one
+more term) and after 2 (a weight map).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from jaxda.data import mixing, strong_augment
+from jaxda.losses import dacs as dacs_losses
+from jaxda.losses import sac as sac_losses
+from jaxda.losses import segmentation
+from jaxda.train import common, spec
+
+TEACHER = "teacher"
+EMA_TIMINGS = ("before", "after")
+
+
+def networks(config) -> dict[str, spec.Network]:
+    """The student 'seg' and the EMA teacher (same architecture, starting as a copy)."""
+    return {"seg": spec.segmenter(config), TEACHER: spec.teacher_of(config)}
+
+
+def teacher_update(teacher: dict, student: dict, step, alpha: float) -> dict:
+    """The EMA of the parameters with alpha_t = min(1 - 1 / (t + 1), alpha); the teacher's
+    BN statistics are kept: both official codes average `parameters()` only, and the teacher
+    normalises with its input batch's statistics, so its running statistics are never read."""
+    momentum = dacs_losses.ema_momentum(step, alpha)
+    return common.ema_update(teacher, student, momentum, batch_stats="keep")
+
+
+def _check_streams(config, source: dict, target: dict) -> None:
+    if source["image"].shape[1:3] != target["image"].shape[1:3]:
+        raise ValueError(
+            f"DACS mixes source and target crops pixel by pixel, so they need one size: source "
+            f"{source['image'].shape[1:3]}, target {target['image'].shape[1:3]} (set "
+            "config.data.source.crop_size and config.data.target.crop_size alike)"
+        )
+    for key in ("image_mean", "image_std"):
+        if config.data.source.get(key) != config.data.target.get(key):
+            raise ValueError(
+                f"config.data.source.{key} and config.data.target.{key} differ: DACS mixes "
+                "normalised images, so both streams need one normalisation"
+            )
+
+
+def strong_transform(key, images, config) -> jax.Array:
+    """DACS's colour jitter and blur of normalised images [B, H, W, 3] (config.dacs.strong),
+    applied in [0, 1] units of the stored channel order (`strong.channels='stored'`: what
+    DACS did with its BGR tensors) or of RGB ('rgb')."""
+    cfg = config.dacs.strong
+    if cfg.channels not in ("stored", "rgb"):
+        raise ValueError(f"config.dacs.strong.channels={cfg.channels!r}: use 'stored' or 'rgb'")
+    mean = jnp.asarray(config.data.image_mean, jnp.float32)
+    std = jnp.asarray(config.data.image_std, jnp.float32)
+    swap = cfg.channels == "rgb" and config.data.bgr
+    pixels = (images * std + mean) / 255.0
+    pixels = pixels[..., ::-1] if swap else pixels
+    params = strong_augment.draw(
+        key,
+        images.shape[0],
+        strength=cfg.jitter_strength,
+        jitter_prob=cfg.jitter_prob,
+        blur_prob=cfg.blur_prob,
+        sigma_range=tuple(cfg.blur_sigma),
+    )
+    pixels = strong_augment.apply(pixels, params, blur=cfg.blur)
+    pixels = pixels[..., ::-1] if swap else pixels
+    return (pixels * 255.0 - mean) / std
+
+
+def mixed_batch(key, source: dict, target: dict, pseudo, weights, num_classes, config) -> dict:
+    """{'image' (strongly augmented), 'label', 'weight', 'mask'} of the ClassMix batch."""
+    cfg = config.dacs
+    mix_key, strong_key = jax.random.split(key)
+    mask, _ = mixing.classmix_masks(
+        mix_key,
+        source["label"],
+        num_classes,
+        pool=cfg.classmix_pool,
+        include_ignore=cfg.classmix_ignore,
+    )
+    image = mixing.mix(mask, source["image"], target["image"])
+    if cfg.strong.enabled:
+        image = strong_transform(strong_key, image, config)
+    return {
+        "image": image,
+        "label": jnp.where(mask, source["label"].astype(jnp.int32), pseudo),
+        "weight": jnp.where(mask, 1.0, weights),
+        "mask": mask,
+    }
+
+
+def source_loss(logits, labels, config) -> jax.Array:
+    """The source CE: over all pixels, ignored ones counting 0 (DAFormer's mmseg loss), or
+    over the labelled ones (`source_mean_all_pixels=False`: DACS's CrossEntropy2d)."""
+    if config.dacs.source_mean_all_pixels:
+        return sac_losses.cross_entropy_all_pixels(logits, labels)
+    return segmentation.cross_entropy(logits, labels)
+
+
+def train_step(state, batch, *, networks, tx, config):
+    """One DACS iteration (module docstring)."""
+    cfg, model = config.dacs, networks["seg"]
+    if cfg.ema_timing not in EMA_TIMINGS:
+        raise ValueError(f"config.dacs.ema_timing={cfg.ema_timing!r}: use one of {EMA_TIMINGS}")
+    source, target = batch["source"], batch["target"]
+    _check_streams(config, source, target)
+    size = target["image"].shape[1:3]
+    upsample = lambda x, s: common.upsample(x, s, cfg.align_corners)["main"]  # noqa: E731
+    mix_key, source_key, mixed_key = jax.random.split(state.step_key(), 3)
+
+    teacher = state.teachers[TEACHER]
+    if cfg.ema_timing == "before":
+        teacher = teacher_update(teacher, state.variables("seg"), state.step, cfg.alpha)
+    logits, _ = common.forward(
+        networks[TEACHER], teacher, target["image"], train=cfg.teacher_train_mode
+    )
+    probs = jax.nn.softmax(upsample(logits, size).astype(jnp.float32), axis=-1)
+    pseudo, weights = dacs_losses.pseudo_labels(
+        probs, cfg.pseudo_threshold, scope=cfg.confidence_scope
+    )
+    mixed = jax.lax.stop_gradient(
+        mixed_batch(mix_key, source, target, pseudo, weights, probs.shape[-1], config)
+    )
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        outputs, batch_stats = common.forward(
+            model, variables, source["image"], train=True, rng=source_key
+        )
+        loss_source = source_loss(
+            upsample(outputs, source["label"].shape[1:3]), source["label"], config
+        )
+        variables = {"params": params, "batch_stats": batch_stats}
+        outputs, batch_stats = common.forward(
+            model, variables, mixed["image"], train=True, rng=mixed_key
+        )
+        loss_mix = dacs_losses.weighted_cross_entropy(
+            upsample(outputs, size), mixed["label"], mixed["weight"]
+        )
+        loss = loss_source + cfg.mix_weight * loss_mix
+        return loss, (batch_stats, {"loss_source": loss_source, "loss_mix": loss_mix})
+
+    (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params["seg"]
+    )
+    new_state = common.apply_gradients(state, {"seg": grads}, batch_stats, tx)
+    if cfg.ema_timing == "after":
+        teacher = teacher_update(teacher, new_state.variables("seg"), state.step, cfg.alpha)
+    new_state = new_state.replace(teachers={**state.teachers, TEACHER: teacher})
+    metrics.update(
+        confidence_weight=jnp.mean(weights),
+        mixed_source_share=jnp.mean(mixed["mask"].astype(jnp.float32)),
+        ema_momentum=dacs_losses.ema_momentum(state.step, cfg.alpha),
+        pseudo_label_accuracy=common.pseudo_label_accuracy(pseudo, target["label"]),
+    )
+    return new_state, {"loss": loss, **metrics}
+
+
+METHOD = spec.Method(train_step, ("source", "target"), networks=networks)

@@ -1,0 +1,219 @@
+"""DACS's train step (`jaxda/train/dacs.py`) on the tiny benchmark: its loss against the
+source CE and the weighted mixed CE computed here from the step's own draws, the teacher
+against the EMA formula over several steps, the configs, and a run interrupted after a
+checkpoint ending exactly as an uninterrupted one (`configs/dacs.py`)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import dacs as dacs_config
+from jaxda import checkpoints
+from jaxda import mesh as mesh_lib
+from jaxda.data import input_pipeline, mixing
+from jaxda.data.labels import IGNORE_LABEL
+from jaxda.models import layers
+from jaxda.train import dacs, trainer
+from jaxda.train import state as state_lib
+from tests.conftest import shrink_to_tiny
+
+
+def _config(data_dir, **overrides):
+    config = shrink_to_tiny(dacs_config.get_config("synthetic"), data_dir)
+    config.batch_size = 4
+    for key, value in overrides.items():
+        config.dacs[key] = value
+    return config
+
+
+def _batches(config, num_steps: int):
+    streams = {
+        domain: input_pipeline.train_iterator(
+            input_pipeline.open_reader(config.data[domain], config.data),
+            config.data[domain],
+            config.data,
+            global_batch_size=config.batch_size,
+            seed=(1, position),
+            start=0,
+        )
+        for position, domain in enumerate(("source", "target"))
+    }
+    return [{d: next(s) for d, s in streams.items()} for _ in range(num_steps)]
+
+
+def _ema(alpha, teacher, student):
+    return jax.tree.map(lambda a, b: alpha * a + (1 - alpha) * b, teacher, student)
+
+
+def _np(tree):
+    return jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(tree))
+
+
+def _ce(logits, labels, weights=None):
+    """NumPy CE per pixel x weight, summed over labelled pixels / all pixels."""
+    logits = np.asarray(logits, np.float64)
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p = log_p - np.log(np.exp(log_p).sum(-1, keepdims=True))
+    valid = labels != IGNORE_LABEL
+    nll = -np.take_along_axis(log_p, np.where(valid, labels, 0)[..., None], -1)[..., 0]
+    weights = np.ones(labels.shape) if weights is None else weights
+    return np.sum(np.where(valid, nll * weights, 0.0)) / labels.size
+
+
+def _forward(setup):
+    """The segmentation network in training mode (the teacher shares its architecture)."""
+    model = setup.modules["seg"]
+    return jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+
+
+def _expected_losses(config, forward, state, teacher, batch):
+    """(source CE, mixed CE) recomputed outside the step: NumPy losses, the networks applied
+    directly (`forward`), the ClassMix and augmentation draws from the step's own key."""
+    source, target = batch["source"], batch["target"]
+    size = target["image"].shape[1:3]
+    up = lambda x: np.asarray(layers.resize_bilinear(x["main"], size), np.float64)  # noqa: E731
+    logits, _ = forward(teacher, target["image"])
+    p = np.exp(up(logits) - up(logits).max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    pseudo = p.argmax(-1)
+    q = np.mean(p.max(-1) >= config.dacs.pseudo_threshold)
+    assert 0 < q < 1
+    mix_key, _, _ = jax.random.split(state.step_key(), 3)
+    mask_key, strong_key = jax.random.split(mix_key)
+    mask, _ = mixing.classmix_masks(mask_key, jnp.asarray(source["label"]), 19)
+    m = np.asarray(mask)
+    image = np.where(m[..., None], source["image"], target["image"])
+    image = dacs.strong_transform(strong_key, jnp.asarray(image), config)
+    label = np.where(m, source["label"], pseudo)
+    weight = np.where(m, 1.0, q)
+
+    student = state.variables("seg")
+    out, updates = forward(student, source["image"])
+    loss_source = _ce(up(out), np.asarray(source["label"]).astype(np.int64))
+    variables = {"params": student["params"], **updates}
+    out, _ = forward(variables, image)
+    return loss_source, _ce(up(out), label.astype(np.int64), weight)
+
+
+@pytest.mark.parametrize("timing", ["before", pytest.param("after", marks=pytest.mark.slow)])
+def test_step_losses_and_ema_teacher(data_dir, timing):
+    """Three steps from step 5 (alpha_t = 5/6, 6/7, 7/8 with alpha 0.9) and a teacher apart
+    from the student: the first step's losses equal the ones recomputed here; after every
+    step the teacher is alpha_t x teacher + (1 - alpha_t) x student (the student before the
+    step for DAFormer's 'before', after it for DACS's 'after'), BN statistics kept."""
+    config = _config(data_dir, ema_timing=timing, alpha=0.9)
+    setup = trainer.build(config, mesh_lib.make_mesh(1))
+    state = trainer.init_state(config, setup)
+    rng = np.random.default_rng(0)
+    teacher = jax.tree.map(
+        lambda x: x + 0.1 * rng.normal(size=x.shape).astype(np.float32), state.teachers["teacher"]
+    )
+    state = state.replace(step=jnp.asarray(5, jnp.int32), teachers={"teacher": teacher})
+    # As the trainer holds it (else the second call compiles the step again).
+    state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, setup.abstract_state))
+    batches = _batches(config, 3)
+    # A randomly initialised network is never 0.968 sure: the median of the teacher's maximum
+    # probabilities as threshold gives a confidence weight strictly between 0 and 1.
+    forward = _forward(setup)
+    logits, _ = forward(teacher, batches[0]["target"]["image"])
+    top = jnp.max(jax.nn.softmax(logits["main"], axis=-1), axis=-1)
+    config.dacs.pseudo_threshold = float(jnp.median(top))
+    step_fn = trainer.jit_train_step(config, setup)
+    expected_teacher = _np(teacher["params"])
+    teacher_stats = _np(teacher["batch_stats"])
+    for i, batch in enumerate(batches):
+        t = 5 + i
+        alpha = min(1 - 1 / (t + 1), 0.9)
+        before = jax.device_get(state)
+        if i == 0 and timing == "before":
+            ema = _ema(alpha, expected_teacher, _np(before.params["seg"]))
+            ema = jax.tree.map(lambda x: x.astype(np.float32), ema)
+            teacher_vars = {"params": ema, "batch_stats": before.teachers["teacher"]["batch_stats"]}
+            expected = _expected_losses(config, forward, before, teacher_vars, batch)
+        state, metrics = step_fn(state, batch)
+        student = _np(before.params["seg"] if timing == "before" else state.params["seg"])
+        expected_teacher = _ema(alpha, expected_teacher, student)
+        got = _np(state.teachers["teacher"])
+        pairs = zip(jax.tree.leaves(got["params"]), jax.tree.leaves(expected_teacher), strict=True)
+        for a, b in pairs:
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        pairs = zip(
+            jax.tree.leaves(got["batch_stats"]), jax.tree.leaves(teacher_stats), strict=True
+        )
+        for a, b in pairs:
+            np.testing.assert_array_equal(a, b)
+        assert float(metrics["ema_momentum"]) == pytest.approx(alpha)
+        if i == 0 and timing == "before":
+            loss_source, loss_mix = expected
+            assert float(metrics["loss_source"]) == pytest.approx(loss_source, rel=1e-4)
+            assert float(metrics["loss_mix"]) == pytest.approx(loss_mix, rel=1e-4)
+            assert float(metrics["loss"]) == pytest.approx(loss_source + loss_mix, rel=1e-4)
+
+
+def test_configs_build():
+    for arg in ("", "synthetic,model=mit"):
+        config = dacs_config.get_config(arg)
+        setup = trainer.build(config, mesh_lib.make_mesh(1))
+        assert set(setup.networks) == {"seg", "teacher"}
+        assert "head_aux" not in setup.abstract_state.params["seg"]
+    daformer, original = dacs_config.get_config(), dacs_config.get_config("original")
+    assert (daformer.optimizer.name, daformer.optimizer.learning_rate) == ("adamw", 6e-5)
+    assert (original.optimizer.name, original.optimizer.learning_rate) == ("sgd", 2.5e-4)
+    assert (daformer.dacs.classmix_pool, original.dacs.classmix_pool) == ("batch", "sample")
+    assert daformer.dacs.strong.jitter_strength == 0.2
+    assert original.dacs.strong.jitter_strength == 0.25
+    assert (daformer.model.num_aspp_branches, original.model.num_aspp_branches) == (4, 2)
+    assert daformer.data.source.crop_size == daformer.data.target.crop_size == (512, 512)
+    assert dacs_config.get_config("source=synthia").data.source.size == (760, 1280)
+    with pytest.raises(ValueError, match="model="):
+        dacs_config.get_config("model=deeplabv3plus")
+
+
+class _Crash(Exception):
+    pass
+
+
+def _restored(config, workdir):
+    setup = trainer.build(config, mesh_lib.make_mesh(1))
+    checkpointer = checkpoints.Checkpointer(workdir)
+    items, _ = checkpointer.restore(
+        checkpointer.latest_step(),
+        setup.checkpoint_items(setup.abstract_state),
+        checkpoints.model_meta(config.model),
+    )
+    checkpointer.close()
+    return jax.device_get(setup.from_checkpoint_items(items))
+
+
+@pytest.mark.slow  # ~1 min: three short runs with evaluations; the default run tests the step.
+def test_runs_and_resumes_exactly(data_dir, tmp_path, monkeypatch):
+    """The synthetic config end to end on the tiny dataset; a run crashed after its step-2
+    checkpoint and rerun ends with the same results, student and teacher, bit for bit."""
+    config = _config(data_dir)
+    config.dacs.pseudo_threshold = 0.968
+    config.total_steps = 4
+    straight_dir, crashed_dir = str(tmp_path / "straight"), str(tmp_path / "crashed")
+    straight = trainer.train_and_evaluate(config, straight_dir)
+    assert 0 <= straight["final"]["miou"] <= 100
+
+    make_iterator = input_pipeline.train_iterator
+
+    def crashing_iterator(*args, **kwargs):
+        iterator = make_iterator(*args, **kwargs)
+        for _ in range(3):  # The batches of steps 1-3 (one ahead): crash before step 3.
+            yield next(iterator)
+        raise _Crash
+
+    monkeypatch.setattr(input_pipeline, "train_iterator", crashing_iterator)
+    with pytest.raises(_Crash):
+        trainer.train_and_evaluate(config, crashed_dir)
+    monkeypatch.setattr(input_pipeline, "train_iterator", make_iterator)
+    assert checkpoints.Checkpointer(crashed_dir).all_steps() == [2]
+    resumed = trainer.train_and_evaluate(config, crashed_dir)
+
+    assert resumed["final"] == {**straight["final"], "seconds": resumed["final"]["seconds"]}
+    a, b = _restored(config, crashed_dir), _restored(config, straight_dir)
+    assert isinstance(a, state_lib.TrainState) and int(a.step) == 4
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
