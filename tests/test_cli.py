@@ -61,6 +61,8 @@ def test_cli_imports_neither_tensorflow_nor_jax():
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.slow  # ~15 s; by default: test_unknown_config_key_names_the_key (the same quiet
+# start and one-message exit), test_folder_builder's not-prepared message.
 def test_dataset_not_prepared_is_one_message_after_a_quiet_start(tmp_path):
     args = ["-m", "launch.main", "--config=configs/adaptseg.py", f"--workdir={tmp_path / 'w'}"]
     result = _launch(args, tmp_path)

@@ -126,6 +126,7 @@ def test_views_are_zoom_crops_of_the_reference(data_dir):
     assert 0 < flips.sum() < flips.size and len({tuple(b) for b in group["box"][:, 1]}) == BATCH
 
 
+@pytest.mark.slow  # ~9 s; by default: test_views' deterministic, resumable views.
 def test_groups_are_deterministic_resumable_and_noise_free_when_off(data_dir):
     config = _config(data_dir, {"size": 3})
     first, second = (batch["group"] for batch in _batches(config, 0, 2))

@@ -44,8 +44,12 @@ def test_grid_matches_deeplab_v2(size):
 
 def test_sown_feature_and_layers():
     model = _model()
-    variables = _variables(model)
-    _, state = model.apply(variables, jnp.zeros((2, 41, 57, 3)), mutable=["intermediates"])
+
+    def sown():  # Shapes only: traced, not run.
+        variables = _variables(model)
+        return model.apply(variables, jnp.zeros((2, 41, 57, 3)), mutable=["intermediates"])[1]
+
+    state = jax.eval_shape(sown)
     inter = state["intermediates"]
     assert set(inter) == {"layer1", "layer2", "layer3", "layer4", "feature"}
     (feature,) = inter["feature"]

@@ -95,6 +95,8 @@ def test_adversarial_loss_moves_only_segmentation():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # ~20 s; by default: test_optimizers' frozen-affine labels, test_models'
+# test_batch_norm_modes (statistics move in training mode).
 def test_frozen_bn_affine_does_not_move_but_statistics_do():
     config = tiny_config(**{"model.bn_mode": "batch_stats"})
     before, after, _ = _run(config, [_batch(config), _batch(config, seed=1)])

@@ -94,6 +94,8 @@ def test_crash_and_resume_equals_uninterrupted_run(data_dir, tmp_path, monkeypat
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # ~20 s; by default: test_initialization's refusals naming variables,
+# test_convert's test_trainer_init_from_accepts_the_converted_checkpoint.
 def test_init_from_and_model_mismatch(data_dir, tmp_path):
     source = str(tmp_path / "source_only")
     config = tiny_config("source_only", data_dir=data_dir, total_steps=2)
@@ -144,6 +146,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path, monkeypatc
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored))
 
 
+@pytest.mark.slow  # ~11 s; by default: test_train_evaluate_and_resume's selection record.
 def test_selection_split_for_periodic_evaluations(data_dir, tmp_path):
     """With config.data.selection, periodic evaluations (and the labelled selection) use it,
     and 'final' is the last step scored once on config.data.eval."""
