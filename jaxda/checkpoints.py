@@ -25,8 +25,9 @@ from absl import logging
 from etils import epath
 
 CHECKPOINT_SUBDIR = "checkpoints"
-# Model settings that change how a network trains, not what its parameters mean.
-TRAINING_ONLY_MODEL_KEYS = frozenset({"bn_mode"})
+# Model settings that change how a network trains or computes, not what its parameters mean:
+# a checkpoint written under one setting (or before the key existed) restores under another.
+TRAINING_ONLY_MODEL_KEYS = frozenset({"bn_mode", "conv_impl", "dtype", "remat", "block_barrier"})
 # Orbax finishes every step by writing 'commit_success.txt' into it: before the atomic rename on
 # local disks, as the only commit signal where it writes in place (GCS, FUSE mounts). Its
 # default discovery on local disks accepts any numbered directory; requiring the file as well

@@ -267,3 +267,14 @@ def test_only_orbax_orphan_read_reports_are_silenced(workdir, monkeypatch, caplo
             "Task exception was never retrieved\nfuture: <Task>", exc_info=(ValueError, exc, None)
         )
     assert [r.exc_info[1].args[0] for r in caplog.records if r.name == "asyncio"] == ["other"]
+
+
+def test_model_check_ignores_compute_settings_but_names_architecture_changes():
+    """conv_impl, dtype, remat, block_barrier and bn_mode change how the same parameters are
+    computed or trained: a checkpoint restores under other values, or from before the keys
+    existed. An architecture key is refused, named."""
+    saved = {"name": "deeplab_v2", "depth": 101, "bn_mode": "batch_stats"}
+    config = {**saved, "conv_impl": "fast", "dtype": "bfloat16", "remat": True}
+    checkpoints.check_model_meta({"model": saved}, {**config, "block_barrier": "on"}, "W")
+    with pytest.raises(checkpoints.CheckpointMismatchError, match="depth: checkpoint 101 vs"):
+        checkpoints.check_model_meta({"model": saved}, {**config, "depth": 50}, "W")
