@@ -58,6 +58,10 @@ METHODS = {
         "BN-adapt (TENT's norm, from source only)",
         ["--config=configs/tent.py:synthetic,norm", "--config.init_from={source_only}"],
     ),
+    "dacs": (
+        "DACS (DAFormer's re-implementation: EMA teacher, ClassMix, strong augmentation)",
+        ["--config=configs/dacs.py:synthetic"],
+    ),
     "oracle": ("Oracle (target labels)", ["--config=configs/oracle.py:synthetic"]),
     # The same methods on a small DeepLabV3+ (torchvision ResNet, RobustNet head); not in the
     # default row set.
