@@ -222,6 +222,8 @@ def base_config() -> ml_collections.ConfigDict:
             "freeze": (),
             # ... and, if given, the only parameters that get one (TENT: BN scale/offset).
             "train_only": (),
+            # Regexes of parameters trained without weight decay (DAFormer: LayerNorms).
+            "no_weight_decay": (),
         }
     )
     c.disc_optimizer = ml_collections.ConfigDict(

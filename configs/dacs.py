@@ -48,8 +48,8 @@ evaluation upsamples with align_corners=True (the library's protocol; DAFormer's
 Not covered by the DAFormer notes this follows: its own DeepLabV2 ('dlv2' configs: backbone
 form, initialisation, BN training) -- this uses the library's Caffe DeepLabV2 with BN affine
 frozen (`model.bn_mode='batch_stats'`, DACS's) and initialisation from `init_from`.
-With `model=mit`: DAFormer's AdamW leaves the encoder's LayerNorms without weight decay, which
-the optimizer's per-module groups cannot express yet (they get 0.01).
+DAFormer's AdamW leaves parameters whose name holds 'norm' (mmcv's custom key; with
+`model=mit` the encoder's LayerNorms) without weight decay: `optimizer.no_weight_decay`.
 
 On the built-in benchmark (`synthetic`): the library's small network from scratch (or a tiny
 MiT), batch 8 + 8 crops of 64x128, 600 steps; SGD lr 2.5e-3 with poly 0.9 over the run, as
@@ -144,6 +144,8 @@ def _daformer(config, source: str) -> None:
     opt.lr_multipliers = {"backbone": 1.0, "head": 10.0}
     opt.poly_power, opt.decay_steps = 1.0, 40_000
     opt.warmup_steps, opt.warmup_ratio = 1500, 1e-6
+    # mmcv's custom key 'norm' (decay_mult 0): the head's key 'head' wins over it there.
+    opt.no_weight_decay = (r"backbone/.*norm.*",)
 
 
 def _original(config, synthetic: bool) -> None:

@@ -10,6 +10,8 @@ silent 1x. Frozen BN affine parameters (`layers.frozen_bn_affine`) and the block
 `freeze` regexes get no update and no weight decay (PyTorch leaves them out of its optimizer).
 Biases (conv biases and BN offsets: parameters named 'bias') may get their own learning-rate
 factor and no weight decay (`bias_lr_multiplier`, `bias_weight_decay`; DA-SAC: 2x, none).
+Parameters matching the block's `no_weight_decay` regexes keep their group's learning rate
+without weight decay (DAFormer: the encoder's LayerNorms).
 """
 
 import re
@@ -27,6 +29,7 @@ from jaxda.train import state as state_lib
 FROZEN = "frozen"
 CONSTANT = "constant"  # Label suffix of groups of a `constant_lr` network.
 BIAS = "bias"  # Label suffix of the biases of a group.
+NO_DECAY = "nodecay"  # Label suffix of a group's parameters without weight decay.
 
 
 def poly_schedule(base_lr: float, decay_steps: int, power: float) -> optax.Schedule:
@@ -80,6 +83,7 @@ def network_labels(
     freeze=(),
     train_only=(),
     split_biases: bool = False,
+    no_decay=(),
 ) -> dict:
     """Labels '<block>/<group>' or 'frozen' for every parameter of one network; with
     `split_biases`, parameters named 'bias' get '<block>/<group>/bias' (their own lr factor
@@ -89,10 +93,12 @@ def network_labels(
       module / params: the network and its params (groups from `module.param_groups`).
       freeze: regexes over '/'-joined parameter paths (e.g. 'backbone/bn1/.*') never updated.
       train_only: if given, regexes of the only parameters updated (TENT: BN scale/offset).
+      no_decay: regexes of parameters without weight decay ('<label>/nodecay').
     """
     groups = models.param_groups(module, params)
     frozen = [re.compile(p) for p in freeze]
     only = [re.compile(p) for p in train_only]
+    undecayed = [re.compile(p) for p in no_decay]
 
     def label(path, _):
         names = path_names(path)
@@ -104,6 +110,8 @@ def network_labels(
         ):
             return FROZEN
         suffix = f"/{BIAS}" if split_biases and names[-1] == "bias" else ""
+        if any(p.fullmatch(joined) for p in undecayed):
+            suffix += f"/{NO_DECAY}"
         return f"{block}/{groups[names[0]]}{suffix}"
 
     return jax.tree_util.tree_map_with_path(label, params)
@@ -115,6 +123,7 @@ def _group_transform(
     group: str,
     constant: bool = False,
     bias: bool = False,
+    no_decay: bool = False,
 ) -> optax.GradientTransformation:
     opt = config[block]
     multipliers = dict(opt.lr_multipliers)
@@ -129,7 +138,7 @@ def _group_transform(
     weight_decay = opt.get("weight_decay", 0.0) * dict(opt.get("weight_decay_multipliers", {})).get(
         group, 1.0
     )
-    if bias and not opt.get("bias_weight_decay", True):
+    if (bias and not opt.get("bias_weight_decay", True)) or no_decay:
         weight_decay = 0.0
     if opt.name == "sgd":
         update = optax.sgd(learning_rate, momentum=opt.momentum)
@@ -174,6 +183,7 @@ def make_optimizer(
             train_only=tuple(opt.get("train_only", ())),
             split_biases=opt.get("bias_lr_multiplier", 1.0) != 1.0
             or not opt.get("bias_weight_decay", True),
+            no_decay=tuple(opt.get("no_weight_decay", ())),
         )
         if network.constant_lr:
             labels[name] = jax.tree.map(
@@ -184,6 +194,11 @@ def make_optimizer(
     for label in sorted(groups):
         block, group, *flags = label.split("/")
         transforms[label] = _group_transform(
-            config, block, group, constant=CONSTANT in flags, bias=BIAS in flags
+            config,
+            block,
+            group,
+            constant=CONSTANT in flags,
+            bias=BIAS in flags,
+            no_decay=NO_DECAY in flags,
         )
     return optax.partition(transforms, state_lib.nest(labels))

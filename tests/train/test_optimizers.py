@@ -209,6 +209,73 @@ def test_dasac_parameter_groups_after_sgd_steps():
     assert "head_aux" not in seg
 
 
+def test_no_weight_decay_regexes_keep_the_group_lr_without_decay():
+    """AdamW (lr 1e-3, wd 0.1) from p = 1, grad 0.5: matched parameters (here the BN of
+    each block's first conv) take the plain bias-corrected Adam step, the others also the
+    decoupled decay lr x wd x p; both at their group's learning rate (head 10x)."""
+    config = tiny_config("source_only", **{"model.bn_mode": "train"})
+    opt = config.optimizer
+    opt.name, opt.learning_rate, opt.weight_decay, opt.poly_power = "adamw", 1e-3, 0.1, 0.0
+    opt.beta1, opt.beta2 = 0.9, 0.999
+    opt.no_weight_decay = (r"backbone/.*/bn1/.*",)
+    setup = _setup(config)
+    params = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), setup.abstract_state.params)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    updates, _ = setup.tx.update(grads, setup.tx.init(params), params)
+    seg = jax.tree.map(lambda p, u: p + u, params, updates)["seg"]
+    step = 0.5 / (np.sqrt(0.25) + 1e-8)  # m_hat / (sqrt(v_hat) + eps) after one step.
+    block = seg["backbone"]["layer1_0"]
+    expected = {
+        "bn1 scale (no decay)": (block["bn1"]["scale"], 1 - 1e-3 * step),
+        "bn1 offset (no decay)": (block["bn1"]["bias"], 1 - 1e-3 * step),
+        "bn2 scale": (block["bn2"]["scale"], 1 - 1e-3 * 0.1 - 1e-3 * step),
+        "conv1 kernel": (block["conv1"]["kernel"], 1 - 1e-3 * 0.1 - 1e-3 * step),
+        "head kernel (10x)": (seg["head_main"]["branch0"]["kernel"], 1 - 1e-2 * (0.1 + step)),
+    }
+    for name, (value, want) in expected.items():
+        np.testing.assert_allclose(value, want, rtol=1e-6, err_msg=name)
+
+
+def test_daformer_recipe_exempts_exactly_the_mit_layer_norms_from_weight_decay():
+    """configs/dacs.py's DAFormer recipe on MiT: every LayerNorm scale / offset of the encoder
+    (mmcv's 'norm' key) and nothing else, the head's BN included, is labelled without decay."""
+    import flax.linen as nn_
+
+    from configs import dacs
+    from jaxda import models
+
+    config = dacs.get_config("model=mit,mit_variant=b0")
+    module = models.build_segmenter(config.model, config.num_classes)
+    params = models.abstract_variables(module)["params"]
+    labels = optimizers.network_labels(
+        module,
+        params,
+        "optimizer",
+        freeze_bn_affine=False,
+        no_decay=tuple(config.optimizer.no_weight_decay),
+    )
+    undecayed = {
+        "/".join(optimizers.path_names(path))
+        for path, label in jax.tree_util.tree_flatten_with_path(labels)[0]
+        if label.endswith(optimizers.NO_DECAY)
+    }
+    # Independently: the parameters of the LayerNorm modules, found by module type.
+    layer_norms = set()
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn_.LayerNorm):
+            layer_norms.add("/".join(context.module.path))
+        return next_fun(*args, **kwargs)
+
+    with nn_.intercept_methods(record):
+        models.abstract_variables(module)
+    expected = {f"{m}/{leaf}" for m in layer_norms for leaf in ("scale", "bias")}
+    assert expected and undecayed == expected
+    # MiT-B0: 4 patch embeddings, 8 blocks x (2 + attention's reduction norm where sr > 1:
+    # stages 1-3), 4 stage norms.
+    assert len(layer_norms) == 4 + 2 * 8 + 6 + 4
+
+
 def test_unknown_bn_mode_is_refused():
     config = tiny_config("source_only", **{"model.bn_mode": "eval"})
     with pytest.raises(ValueError, match=r"bn_mode='eval'; use one of .*frozen_stats"):
