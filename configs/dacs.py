@@ -15,7 +15,8 @@ Per step (jaxda/train/dacs.py): EMA teacher update; the teacher's pseudo labels 
 unaugmented target crops and their confidence weight (share of pixels with maximum
 probability >= 0.968, one number per batch); ClassMix of source pixels of half of the
 classes over the target crop; colour jitter and Gaussian blur of the mixed images with
-kornia's semantics; one optimizer step on source CE + pixel-weighted CE of the mixed images.
+kornia's semantics; one optimizer step on source CE + pixel-weighted CE of the mixed images
+(+ MIC's masked-target CE with `dacs.mic.weight` > 0; off here, on in configs/mic.py).
 
 Default (DAFormer's DACS): DeepLabV2-R101 with one head summing all four ASPP branches,
 batch 2 source + 2 target crops of 512x512 (GTA5 resized to 704x1280: DAFormer's aspect-keeping
@@ -79,6 +80,9 @@ def dacs_block() -> ml_collections.ConfigDict:
             "classmix_ignore": True,  # 255 is one of the pool's classes (both codes).
             "source_mean_all_pixels": True,  # DAFormer: True; DACS: False (labelled pixels).
             "align_corners": False,  # Logit upsampling in the losses: DAFormer False, DACS True.
+            # MIC's masked target images ('separatetrgaug'): weight 0 = off; MIC 1.0, block 64
+            # (MIC(DAFormer) at half resolution: 32), ratio 0.7, fresh jitter + blur.
+            "mic": {"weight": 0.0, "block_size": 64, "ratio": 0.7, "color_augment": True},
             "strong": {
                 "enabled": True,
                 "jitter_strength": 0.2,  # DAFormer 0.2, DACS 0.25.

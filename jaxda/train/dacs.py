@@ -16,9 +16,14 @@ One iteration (step t, 0-based):
    pseudo label, the mixed weight 1 or the confidence weight;
 4. strong augmentation of the mixed images (`jaxda.data.strong_augment`: kornia's colour
    jitter, then Gaussian blur), in [0, 1] pixel units between de- and re-normalisation;
-5. one optimizer step on CE(source) + `mix_weight` x the pixel-weighted CE of the mixed
-   images (a mean over all pixels), both through the student in training mode (its BN
-   statistics see the source batch, then the mixed batch).
+5. MIC (`config.dacs.mic.weight` > 0; Hoyer et al. CVPR 2023, its 'separatetrgaug' mode):
+   the target images, strongly augmented afresh (blur allowed whatever `strong.blur` says)
+   and block-masked (`jaxda.data.masking`), with the step's pseudo labels and target weights
+   (not the mixed ones) as targets;
+6. one optimizer step on CE(source) + `mix_weight` x the pixel-weighted CE of the mixed
+   images (a mean over all pixels) [+ `mic.weight` x the masked images' weighted CE], all
+   through the student in training mode (its BN statistics see the source batch, then the
+   mixed batch, then the masked one).
 
 Only the 'main' head is trained (DACS and DAFormer use single-output networks; configs/dacs.py
 sets model.multi_level False). The steps that DAFormer adds around this one (rare-class
@@ -30,7 +35,7 @@ more term) and after 2 (a weight map).
 import jax
 import jax.numpy as jnp
 
-from jaxda.data import mixing, strong_augment
+from jaxda.data import masking, mixing, strong_augment
 from jaxda.losses import dacs as dacs_losses
 from jaxda.losses import sac as sac_losses
 from jaxda.losses import segmentation
@@ -38,6 +43,8 @@ from jaxda.train import common, spec
 
 TEACHER = "teacher"
 EMA_TIMINGS = ("before", "after")
+# Folded into the step key for MIC's draws: the other draws keep their keys with MIC off.
+_MIC_KEY_TAG = 0x31C
 
 
 def networks(config) -> dict[str, spec.Network]:
@@ -68,10 +75,10 @@ def _check_streams(config, source: dict, target: dict) -> None:
             )
 
 
-def strong_transform(key, images, config) -> jax.Array:
+def strong_transform(key, images, config, blur: bool | None = None) -> jax.Array:
     """DACS's colour jitter and blur of normalised images [B, H, W, 3] (config.dacs.strong),
     applied in [0, 1] units of the stored channel order (`strong.channels='stored'`: what
-    DACS did with its BGR tensors) or of RGB ('rgb')."""
+    DACS did with its BGR tensors) or of RGB ('rgb'). `blur` overrides `strong.blur`."""
     cfg = config.dacs.strong
     if cfg.channels not in ("stored", "rgb"):
         raise ValueError(f"config.dacs.strong.channels={cfg.channels!r}: use 'stored' or 'rgb'")
@@ -88,7 +95,7 @@ def strong_transform(key, images, config) -> jax.Array:
         blur_prob=cfg.blur_prob,
         sigma_range=tuple(cfg.blur_sigma),
     )
-    pixels = strong_augment.apply(pixels, params, blur=cfg.blur)
+    pixels = strong_augment.apply(pixels, params, blur=cfg.blur if blur is None else blur)
     pixels = pixels[..., ::-1] if swap else pixels
     return (pixels * 255.0 - mean) / std
 
@@ -113,6 +120,18 @@ def mixed_batch(key, source: dict, target: dict, pseudo, weights, num_classes, c
         "weight": jnp.where(mask, 1.0, weights),
         "mask": mask,
     }
+
+
+def masked_target(key, images, config) -> jax.Array:
+    """MIC's input [B, H, W, 3]: the target images, colour-jittered and blurred with fresh
+    draws (`mic.color_augment`), then block-masked (config.dacs.mic)."""
+    cfg = config.dacs.mic
+    strong_key, mask_key = jax.random.split(key)
+    if cfg.color_augment:
+        images = strong_transform(strong_key, images, config, blur=True)
+    batch, size = images.shape[0], images.shape[1:3]
+    keep = masking.block_mask(mask_key, batch, size, cfg.block_size, cfg.ratio)
+    return masking.apply_mask(images, keep)
 
 
 def source_loss(logits, labels, config) -> jax.Array:
@@ -147,6 +166,9 @@ def train_step(state, batch, *, networks, tx, config):
     mixed = jax.lax.stop_gradient(
         mixed_batch(mix_key, source, target, pseudo, weights, probs.shape[-1], config)
     )
+    mic_weight = cfg.mic.weight if "mic" in cfg else 0.0
+    mic_key, masked_key = jax.random.split(jax.random.fold_in(state.step_key(), _MIC_KEY_TAG))
+    masked = masked_target(mic_key, target["image"], config) if mic_weight else None
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
@@ -164,7 +186,17 @@ def train_step(state, batch, *, networks, tx, config):
             upsample(outputs, size), mixed["label"], mixed["weight"]
         )
         loss = loss_source + cfg.mix_weight * loss_mix
-        return loss, (batch_stats, {"loss_source": loss_source, "loss_mix": loss_mix})
+        metrics = {"loss_source": loss_source, "loss_mix": loss_mix}
+        if mic_weight:
+            variables = {"params": params, "batch_stats": batch_stats}
+            outputs, batch_stats = common.forward(
+                model, variables, masked, train=True, rng=masked_key
+            )
+            metrics["loss_masked"] = dacs_losses.weighted_cross_entropy(
+                upsample(outputs, size), pseudo, weights
+            )
+            loss = loss + mic_weight * metrics["loss_masked"]
+        return loss, (batch_stats, metrics)
 
     (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params["seg"]

@@ -11,7 +11,7 @@ import pytest
 from configs import dacs as dacs_config
 from jaxda import checkpoints
 from jaxda import mesh as mesh_lib
-from jaxda.data import input_pipeline, mixing
+from jaxda.data import input_pipeline, masking, mixing
 from jaxda.data.labels import IGNORE_LABEL
 from jaxda.models import layers
 from jaxda.train import dacs, trainer
@@ -149,6 +149,42 @@ def test_step_losses_and_ema_teacher(data_dir, timing):
             assert float(metrics["loss_source"]) == pytest.approx(loss_source, rel=1e-4)
             assert float(metrics["loss_mix"]) == pytest.approx(loss_mix, rel=1e-4)
             assert float(metrics["loss"]) == pytest.approx(loss_source + loss_mix, rel=1e-4)
+
+
+def test_mic_adds_the_weighted_ce_of_masked_target_images(data_dir):
+    """With MIC on (weight 0.5, blocks of 8): loss_masked is the CE of the student on the
+    jittered, blurred, block-masked target images against the teacher's pseudo labels and the
+    confidence weight (NumPy), and the loss adds 0.5 x it to the source and mixed CEs."""
+    config = _config(data_dir)
+    config.dacs.mic.update(weight=0.5, block_size=8)
+    setup = trainer.build(config, mesh_lib.make_mesh(1))
+    state = trainer.init_state(config, setup)
+    state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, setup.abstract_state))
+    batch = _batches(config, 1)[0]
+    forward = _forward(setup)
+    teacher = dacs.teacher_update(
+        state.teachers["teacher"], state.variables("seg"), state.step, config.dacs.alpha
+    )
+    logits, _ = forward(teacher, batch["target"]["image"])
+    top = jnp.max(jax.nn.softmax(logits["main"], axis=-1), axis=-1)
+    config.dacs.pseudo_threshold = float(jnp.median(top))
+    before = jax.device_get(state)  # The step donates its input state.
+    _, metrics = trainer.jit_train_step(config, setup)(state, batch)
+
+    size = batch["target"]["image"].shape[1:3]
+    p = np.asarray(jax.nn.softmax(layers.resize_bilinear(logits["main"], size), -1), np.float64)
+    pseudo, q = p.argmax(-1), np.mean(p.max(-1) >= config.dacs.pseudo_threshold)
+    mic_key, _ = jax.random.split(jax.random.fold_in(before.step_key(), dacs._MIC_KEY_TAG))
+    strong_key, mask_key = jax.random.split(mic_key)
+    image = dacs.strong_transform(strong_key, jnp.asarray(batch["target"]["image"]), config, True)
+    keep = np.asarray(masking.block_mask(mask_key, config.batch_size, size, 8, 0.7))
+    assert 0.5 < 1 - keep.mean() < 0.9
+    out, _ = forward(before.variables("seg"), np.where(keep[..., None], image, 0.0))
+    up = np.asarray(layers.resize_bilinear(out["main"], size))
+    expected = _ce(up, pseudo, np.full(pseudo.shape, q))
+    assert float(metrics["loss_masked"]) == pytest.approx(expected, rel=1e-4)
+    total = metrics["loss_source"] + metrics["loss_mix"] + 0.5 * metrics["loss_masked"]
+    assert float(metrics["loss"]) == pytest.approx(float(total), rel=1e-6)
 
 
 def test_configs_build():
