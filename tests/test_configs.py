@@ -12,7 +12,7 @@ from jaxda.train import adversarial as adversarial_lib
 from jaxda.train import trainer
 
 VARIANTS = {
-    source_only: ["", "synthetic", "source=synthia"],
+    source_only: ["", "synthetic", "source=synthia", "synthetic,model=mit"],
     oracle: ["", "synthetic"],
     adaptseg: [
         "", "synthetic", "single", "ls", "single,ls", "synthetic,single,ls", "source=synthia",
