@@ -189,6 +189,23 @@ def test_hrda_loss_matches_numpy(ignore):
         hrda_losses.hrda_loss(outputs, labels)
 
 
+def test_loss_parity_with_torch():
+    """The loss of the training forward's outputs, against HRDAHead.losses' transcription."""
+    torch = pytest.importorskip("torch")
+    ref = pytest.importorskip("jaxda.interop.torch_reference_hrda")
+    gen = torch.Generator().manual_seed(5)
+    fused, hr = torch.randn(2, 5, 16, 16, generator=gen), torch.randn(2, 5, 8, 8, generator=gen)
+    labels = torch.randint(0, 5, (2, 64, 64), generator=gen)
+    labels[:, 40:] = 255
+    weights = torch.rand(2, 64, 64, generator=gen)
+    want = ref.hrda_losses(fused, None, hr, labels, weights, (24, 56, 32, 64))
+    loss, _ = hrda_losses.hrda_loss(
+        {"main": nhwc(fused), "hr": nhwc(hr)}, jnp.asarray(labels.numpy()),
+        jnp.asarray(weights.numpy()), jnp.array([24, 32]),
+    )  # fmt: skip
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+
+
 # --- the model ----------------------------------------------------------------------------------
 
 
@@ -221,6 +238,11 @@ def torch_model(seed: int = 0):
     return model, {k: v.numpy().copy() for k, v in model.state_dict().items()}
 
 
+@functools.cache
+def abstract_variables(model):
+    return models.abstract_variables(model)
+
+
 def converted(state_dict: dict, model) -> dict:
     """An HRDA state dict (backbone.*, decode_head.head.*, decode_head.scale_attention.*) as
     the model's variables, by the MiT converter's name mapping; every variable filled."""
@@ -244,7 +266,7 @@ def converted(state_dict: dict, model) -> dict:
                                            "daformer")  # fmt: skip
             path = (path[0], "scale_attention", *path[2:])
         variables[path] = torch_layouts.to_jax_layout(value)
-    shapes = traverse_util.flatten_dict(models.abstract_variables(model))
+    shapes = traverse_util.flatten_dict(abstract_variables(model))
     assert set(variables) == set(shapes)
     assert all(variables[p].shape == s.shape for p, s in shapes.items())
     return traverse_util.unflatten_dict(variables)
@@ -297,6 +319,7 @@ def test_training_forward_parity(batch_stats):
     assert forward._cache_size() == 1
 
 
+# slide=False (not HRDA's setting) is slow; its default-run twin is slide=True.
 @pytest.mark.parametrize("slide", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_inference_forward_parity(slide):
     """No box: HR logits of 9 overlapping 32 x 32 windows averaged on the canvas (or of the
@@ -314,23 +337,6 @@ def test_inference_forward_parity(slide):
     assert relative_error(out["main"], want) < TOLERANCE
     assert set(out) == {"main"} and out["main"].shape == (2, 16, 24, NUM_CLASSES)
     assert state["intermediates"]["stage1"][0].shape == (2, 8, 12, 16)  # The LR features.
-
-
-def test_loss_parity_with_torch():
-    """The loss of the training forward's outputs, against HRDAHead.losses' transcription."""
-    torch = pytest.importorskip("torch")
-    ref = pytest.importorskip("jaxda.interop.torch_reference_hrda")
-    gen = torch.Generator().manual_seed(5)
-    fused, hr = torch.randn(2, 5, 16, 16, generator=gen), torch.randn(2, 5, 8, 8, generator=gen)
-    labels = torch.randint(0, 5, (2, 64, 64), generator=gen)
-    labels[:, 40:] = 255
-    weights = torch.rand(2, 64, 64, generator=gen)
-    want = ref.hrda_losses(fused, None, hr, labels, weights, (24, 56, 32, 64))
-    loss, _ = hrda_losses.hrda_loss(
-        {"main": nhwc(fused), "hr": nhwc(hr)}, jnp.asarray(labels.numpy()),
-        jnp.asarray(weights.numpy()), jnp.array([24, 32]),
-    )  # fmt: skip
-    assert float(loss) == pytest.approx(float(want), rel=1e-5)
 
 
 def test_config_registry_and_groups():
@@ -354,3 +360,35 @@ def test_config_registry_and_groups():
         models.build_segmenter(config.model, NUM_CLASSES)
     with pytest.raises(ValueError, match="multiple"):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 60, 64, 3)))
+
+
+def test_training_forward_has_gradients_for_every_parameter():
+    """Traced only (no compilation): the box's dynamic slices keep the gradient path."""
+    model = jax_model()
+    variables = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), abstract_variables(model))
+
+    def loss(params, box):
+        out, _ = model.apply({**variables, "params": params}, jnp.ones((2, *IMAGE, 3)),
+                             train=True, box=box, mutable=["batch_stats"])  # fmt: skip
+        labels = jnp.zeros((2, *IMAGE), jnp.int32)
+        return hrda_losses.hrda_loss(out, labels, None, box)[0]
+
+    grads = jax.eval_shape(jax.grad(loss), variables["params"], jnp.zeros(2, jnp.int32))
+    assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
+
+
+@pytest.mark.slow
+def test_bn_mask_selects_images_for_the_window_statistics():
+    """Default-run twin: test_training_forward_parity[True] (batch statistics, no mask).
+    Without a box and on batch statistics (DAFormer's teacher), `bn_mask` [1, 0] normalises
+    every window batch by the first image's windows only: its logits are those of that image
+    alone."""
+    model = jax_model()
+    variables = converted(torch_model()[1], model)
+    images = np.random.default_rng(6).normal(size=(2, *IMAGE, 3)).astype(np.float32)
+    apply = jax.jit(
+        lambda v, x, mask: model.apply(v, x, train=True, bn_mask=mask, mutable=["batch_stats"])
+    )
+    masked, _ = apply(variables, images, jnp.array([1.0, 0.0]))
+    alone, _ = apply(variables, images[:1], None)
+    np.testing.assert_allclose(masked["main"][:1], alone["main"], rtol=1e-4, atol=1e-4)
