@@ -170,7 +170,7 @@ class HRDA(segformer.SegFormer):
     [N, H, W, 3] -> {'main': [N, H / 4, W / 4, num_classes]} (the fused logits); with a
     training `box` also 'lr' ([N, H * lr_scale / 4, .., C], 1 - attention weighted), 'hr'
     ([N, crop_h / 4, crop_w / 4, C]) and 'attention' ([N, H * lr_scale / 4, .., C or 1],
-    zero outside the box). H and W must be multiples of 4 / lr_scale (8).
+    zero outside the box). H, W and the crop size must be multiples of 4 / lr_scale (8).
 
     Attributes (besides SegFormer's, whose `decoder` must be 'daformer'):
       attention_embed_dim: the scale attention head's embedding and fusion width (256).
@@ -215,10 +215,12 @@ class HRDA(segformer.SegFormer):
             raise ValueError(f"HRDA runs DAFormer's head; config.model.decoder={self.decoder!r}")
         n, height, width, channels = images.shape
         ratio = round(1 / self.lr_scale)
-        if ratio * self.lr_scale != 1 or height % (4 * ratio) or width % (4 * ratio):
+        sizes = (height, width, *self.hr_crop_size)
+        if ratio * self.lr_scale != 1 or any(v % (OUTPUT_STRIDE * ratio) for v in sizes):
             raise ValueError(
-                f"HRDA needs 1 / lr_scale integral and the image size {(height, width)} a "
-                f"multiple of 4 / lr_scale, so that the scales' logits align"
+                f"HRDA needs 1 / lr_scale integral, and the image size {(height, width)} and "
+                f"hr_crop_size {tuple(self.hr_crop_size)} multiples of 4 / lr_scale, so that "
+                "the scales' logits align"
             )
         deterministic = not (train and self.has_rng("dropout"))
         lr_images = layers.resize_bilinear(images, (height // ratio, width // ratio))

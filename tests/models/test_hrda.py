@@ -360,6 +360,9 @@ def test_config_registry_and_groups():
         models.build_segmenter(config.model, NUM_CLASSES)
     with pytest.raises(ValueError, match="multiple"):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 60, 64, 3)))
+    with pytest.raises(ValueError, match="hr_crop_size"):
+        jax.eval_shape(model.clone(hr_crop_size=(36, 32)).init, jax.random.key(0),
+                       jnp.zeros((1, 64, 64, 3)))  # fmt: skip
 
 
 def test_training_forward_has_gradients_for_every_parameter():
