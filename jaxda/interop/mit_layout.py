@@ -219,7 +219,8 @@ def map_state_dict(
     if any(".decode_head.scale_attention." in f".{n}" for n in names.values()):
         raise ConversionError(
             "The file is an HRDA / MIC(HRDA) checkpoint (decode_head.scale_attention.*): "
-            "jaxda has no HRDA head; its encoder and DAFormer head sit under other names."
+            "jaxda's model 'hrda' (jaxda/models/hrda.py) has its parameters, but no converter "
+            "maps them yet."
         )
     encoder_prefix, head_prefix = PREFIXES[layout]
     file_decoder = DECODERS[layout]

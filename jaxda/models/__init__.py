@@ -13,13 +13,22 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxda.models import deeplab_v2, deeplab_v3plus, discriminators, layers, proda, segformer
+from jaxda.models import (
+    deeplab_v2,
+    deeplab_v3plus,
+    discriminators,
+    hrda,
+    layers,
+    proda,
+    segformer,
+)
 
 SEGMENTERS = {
     "deeplab_v2": deeplab_v2.DeepLabV2,
     "deeplabv3plus": deeplab_v3plus.DeepLabV3Plus,
     "proda_deeplab_v2": proda.ProDADeepLabV2,
     "segformer": segformer.SegFormer,  # MiT encoder, config.model.decoder 'daformer' | 'mlp'.
+    "hrda": hrda.HRDA,  # SegFormer's keys (decoder 'daformer') + HRDA's (`HRDA.from_config`).
 }
 DISCRIMINATORS = {"fc": discriminators.FCDiscriminator}
 # Spatial size of the dummy input that initialisation traces; parameter shapes do not depend

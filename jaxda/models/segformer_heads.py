@@ -1,12 +1,14 @@
 """The decoders on the MiT encoder's four stage maps: SegFormer's all-MLP head and DAFormer's
-context-aware fusion head. Both return logits at stage 1's grid (stride 4).
+context-aware fusion head, and DAFormer's head with a 1x1 conv fusion (HRDA's scale attention).
+All return logits at stage 1's grid (stride 4).
 
-Both embed each stage map with a per-pixel Dense, resize the embeddings to stage 1's grid
+All embed each stage map with a per-pixel Dense, resize the embeddings to stage 1's grid
 (bilinear, PyTorch `align_corners=False`: `layers.resize_bilinear`) and concatenate them in
 the order stage1..stage4 (DAFormer's order; NVlabs' SegFormer concatenates stage4..stage1,
 which the converter absorbs by permuting `linear_fuse`'s input channels). Then:
 
   SegFormerHead  1x1 conv (no bias) -> BN -> ReLU -> Dropout2d -> 1x1 conv (`linear_pred`)
+  ConvFusionHead 1x1 conv-BN-ReLU (`fuse_layer`) -> Dropout2d -> 1x1 conv (`conv_seg`)
   DAFormerHead   depthwise-separable ASPP without image pooling: a 1x1 conv-BN-ReLU branch and,
                  per dilation d > 1, a depthwise 3x3 (dilation d) -BN-ReLU then a 1x1 conv-
                  BN-ReLU; the branches concatenated -> 3x3 conv-BN-ReLU (`bottleneck`) ->
@@ -182,6 +184,39 @@ class DAFormerHead(nn.Module):
         x = ASPPFusion(
             self.width, tuple(self.dilations), self.use_running_average, self.convolution,
             name="fuse_layer",
+        )(x, bn_mask)  # fmt: skip
+        x = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2))(x, deterministic=deterministic)
+        return _classifier(
+            self.num_classes, self.convolution, "conv_seg", kernel_init=classifier_init,
+            bias_init=nn.initializers.zeros,
+        )(x)  # fmt: skip
+
+
+class ConvFusionHead(nn.Module):
+    """DAFormer's head with a 1x1 ConvModule as its fusion (the 'conv1' variant of DAFormer's
+    ablation): four stage maps -> [N, h1, w1, num_classes]. HRDA's scale attention is this
+    head (its `attention_embed_dim` for both widths; `num_classes` 1 for a class-agnostic
+    attention), since the official HRDAHead swaps the ASPP fusion of its copied DAFormer
+    config for a 1x1 conv.
+
+    Submodules: embed_layers_{0..3} (Dense, C_k -> embed_dim), fuse_layer/{conv, bn}
+    (4 * embed_dim -> width), conv_seg (1x1 conv with bias).
+    """
+
+    num_classes: int
+    embed_dim: int = 256
+    width: int = 256
+    dropout_rate: float = 0.1
+    use_running_average: bool = True
+    convolution: layers.Convolution = layers.DEFAULT_CONVOLUTION
+
+    @nn.compact
+    def __call__(self, features: Sequence[jax.Array], bn_mask=None, deterministic: bool = True):
+        names = [f"embed_layers_{i}" for i in range(len(features))]
+        x = _embed(features, self.embed_dim, self.convolution.dtype, names)
+        x = ConvModule(
+            self.width, 1, use_running_average=self.use_running_average,
+            convolution=self.convolution, name="fuse_layer",
         )(x, bn_mask)  # fmt: skip
         x = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2))(x, deterministic=deterministic)
         return _classifier(
