@@ -1,6 +1,6 @@
 """DACS's self-training pieces as pure functions: the teacher's pseudo labels and their
-confidence weight, the pixel-weighted cross-entropy of the mixed images, and the EMA
-teacher's momentum schedule.
+confidence weight, DAFormer's crop of that weight, the pixel-weighted cross-entropy of the
+mixed images, and the EMA teacher's momentum schedule.
 
 Shapes: probabilities / logits [B, H, W, C], labels and weights [B, H, W]; IGNORE_LABEL
 pixels count in no loss. All maths in float32.
@@ -33,6 +33,21 @@ def pseudo_labels(
     share = jnp.mean(confident, axis=axes, keepdims=True)
     labels = jnp.argmax(probs, axis=-1).astype(jnp.int32)
     return labels, jnp.broadcast_to(share, labels.shape)
+
+
+def crop_weights(weights: jax.Array, top: int, bottom: int) -> jax.Array:
+    """DAFormer's pseudo-label crop: the weights [B, H, W] with the first `top` and the last
+    `bottom` rows set to 0 (DAFormer: 15 and 120 of its 512-row Cityscapes crops, "regions
+    with potential rectification artifacts", where pseudo labels drift). Applied after the
+    confidence weight (computed over all rows) and before mixing (pasted source pixels keep
+    weight 1); 0 and 0 return `weights` itself."""
+    if top < 0 or bottom < 0:
+        raise ValueError(f"pseudo-label crop rows top={top}, bottom={bottom}: use counts >= 0")
+    if not top and not bottom:
+        return weights
+    rows = jnp.arange(weights.shape[1])
+    keep = (rows >= top) & (rows < weights.shape[1] - bottom)
+    return jnp.where(keep[None, :, None], weights, 0.0).astype(weights.dtype)
 
 
 def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:

@@ -1,5 +1,6 @@
 """DACS's loss pieces (`jaxda/losses/dacs.py`) against NumPy: pseudo labels and their
-confidence weight, the pixel-weighted CE over all pixels, the EMA momentum's warm-up."""
+confidence weight, DAFormer's pseudo-label crop, the pixel-weighted CE over all pixels, the
+EMA momentum's warm-up."""
 
 import numpy as np
 import pytest
@@ -27,6 +28,26 @@ def test_pseudo_labels_and_confidence_weight(scope):
     else:
         expected = np.broadcast_to(confident.mean((1, 2))[:, None, None], probs.shape[:3])
     np.testing.assert_allclose(weights, expected, rtol=1e-6)
+
+
+def test_crop_weights_zeroes_exactly_the_top_and_bottom_rows():
+    """DAFormer's `pseudo_weight[:, :top, :] = 0` and `[:, -bottom:, :] = 0` (each only when
+    > 0); the confidence weight of the kept rows is the one computed over all pixels."""
+    probs = _probs(shape=(2, 9, 5, 4))
+    _, weights = dacs.pseudo_labels(probs, 0.968)
+    q = np.mean(probs.max(-1) >= 0.968)
+    got = np.asarray(dacs.crop_weights(weights, 2, 3))
+    expected = np.full((2, 9, 5), q, np.float32)
+    expected[:, :2] = 0
+    expected[:, -3:] = 0
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(dacs.crop_weights(weights, 0, 4)[:, :5], weights[:, :5])
+    np.testing.assert_array_equal(dacs.crop_weights(weights, 4, 0)[:, 4:], weights[:, 4:])
+    assert dacs.crop_weights(weights, 0, 0) is weights  # Off: the weights themselves.
+    np.testing.assert_array_equal(dacs.crop_weights(weights, 5, 5), 0.0)  # All rows.
+    with pytest.raises(ValueError, match="bottom=-1"):
+        dacs.crop_weights(weights, 0, -1)
 
 
 def test_weighted_cross_entropy_averages_over_all_pixels():
