@@ -52,6 +52,19 @@ frozen (`model.bn_mode='batch_stats'`, DACS's) and initialisation from `init_fro
 DAFormer's AdamW leaves parameters whose name holds 'norm' (mmcv's custom key; with
 `model=mit` the encoder's LayerNorms) without weight decay: `optimizer.no_weight_decay`.
 
+DAFormer's additions to DACS, off here (`config.dacs` keys, DAFormer's values in brackets): the
+pseudo-label crop (`pseudo_ignore_top` / `pseudo_ignore_bottom` = [15 / 120] rows of the target
+weights set to 0 after the confidence weight, which stays the share over all pixels, pasted
+source pixels keeping weight 1; MIC's targets take the cropped weights, as in MIC's code) and
+the thing-class ImageNet feature distance
+(`feature_distance.weight` [0.005] x the mean L2 distance between the student's last encoder
+stage on the source batch and that of a frozen copy of its initialisation, network 'imnet',
+over the stride-sized patches whose labels are >= [0.75] one of the thing classes [6, 7, 11-18];
+`classes=()` compares every patch). The masked distance needs a feature grid of exactly the
+crop over the stride: MiT's (512 -> 16); the library's DeepLabV2 grid (512 -> 65) raises an
+error unless classes=(). DAFormer's mean over no patch is NaN (with a zero gradient); here
+it is 0, and the logged count `feature_distance_patches` says so.
+
 On the built-in benchmark (`synthetic`): the library's small network from scratch (or a tiny
 MiT), batch 8 + 8 crops of 64x128, 600 steps; SGD lr 2.5e-3 with poly 0.9 over the run, as
 the other methods' synthetic rows (AdamW 6e-5 is tuned for ImageNet-initialised networks);
@@ -61,6 +74,7 @@ alpha 0.99 and threshold 0.968 as published.
 import ml_collections
 
 from configs import common
+from jaxda.losses import feature_distance
 
 MODELS = ("deeplab_v2", "mit")
 
@@ -83,6 +97,23 @@ def dacs_block() -> ml_collections.ConfigDict:
             # MIC's masked target images ('separatetrgaug'): weight 0 = off; MIC 1.0, block 64
             # (MIC(DAFormer) at half resolution: 32), ratio 0.7, fresh jitter + blur.
             "mic": {"weight": 0.0, "block_size": 64, "ratio": 0.7, "color_augment": True},
+            # DAFormer's pseudo-label crop: rows of the target crop whose pseudo-label weight
+            # is set to 0 after the confidence weight, before mixing (DAFormer 15 and 120).
+            "pseudo_ignore_top": 0,
+            "pseudo_ignore_bottom": 0,
+            # DAFormer's thing-class ImageNet feature distance on the source batch (off at 0).
+            "feature_distance": {
+                # lambda_FD (DAFormer 0.005); > 0 adds the frozen network 'imnet'.
+                "weight": 0.0,
+                # Train ids of the patches compared (DAFormer's things); () compares every
+                # patch (DAFormer's classes=None: the labels are not read).
+                "classes": feature_distance.THING_CLASSES,
+                # A patch's label: its majority class if that covers >= this share (DAFormer).
+                "min_ratio": 0.75,
+                # The sown feature map: '' the last encoder stage (MiT 'stage4', ResNet
+                # 'layer4', DAFormer's), or a name ('stage2', 'layer3', ...).
+                "layer": "",
+            },
             "strong": {
                 "enabled": True,
                 "jitter_strength": 0.2,  # DAFormer 0.2, DACS 0.25.

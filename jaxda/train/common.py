@@ -41,6 +41,19 @@ def forward(model, variables: dict, images, *, train: bool, features: bool = Fal
     return outputs, batch_stats, sown
 
 
+# The last encoder stage each backbone sows: MiT ('stage4', stride 32), ResNet ('layer4').
+LAST_STAGES = ("stage4", "layer4")
+
+
+def feature_layer(sown: Mapping[str, jax.Array], name: str, key: str) -> str:
+    """The name of a sown feature map (`forward(..., features=True)`): `name`, or with '' the
+    network's last encoder stage (`LAST_STAGES`); `key` names the config key in errors."""
+    found = name or next((n for n in LAST_STAGES if n in sown), "")
+    if found not in sown:
+        raise ValueError(f"{key}={name!r}: the network sows {sorted(sown)}; name one of them")
+    return found
+
+
 def forward_domains(model, seg_params, batch_stats, batch, rng=None):
     """Source then target through the network in training mode, upsampled as the methods do.
 

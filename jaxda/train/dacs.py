@@ -19,17 +19,24 @@ One iteration (step t, 0-based):
 5. MIC (`config.dacs.mic.weight` > 0; Hoyer et al. CVPR 2023, its 'separatetrgaug' mode):
    the target images, strongly augmented afresh (blur allowed whatever `strong.blur` says)
    and block-masked (`jaxda.data.masking`), with the step's pseudo labels and target weights
-   (not the mixed ones) as targets;
+   (after DAFormer's crop below, as MIC's code; not the mixed ones) as targets;
 6. one optimizer step on CE(source) + `mix_weight` x the pixel-weighted CE of the mixed
    images (a mean over all pixels) [+ `mic.weight` x the masked images' weighted CE], all
    through the student in training mode (its BN statistics see the source batch, then the
    mixed batch, then the masked one).
 
+DAFormer's additions (off by default; its rare-class sampling of the source stream is not
+here): the pseudo-label crop (`pseudo_ignore_top` / `_bottom` rows of the target weights set
+to 0 after 2, `jaxda.losses.dacs.crop_weights`; the confidence weight stays the share over all
+pixels, pasted source pixels keep weight 1); the ImageNet feature distance
+(`feature_distance.weight` > 0): a third network 'imnet', the student's initialisation that
+no optimizer sees and nothing updates, runs in evaluation mode on the source batch, and the
+step adds weight x FD between its last encoder stage (or `feature_distance.layer`) and the
+student's from the source CE's forward, over the thing-class patches
+(`jaxda.losses.feature_distance`).
+
 Only the 'main' head is trained (DACS and DAFormer use single-output networks; configs/dacs.py
-sets model.multi_level False). The steps that DAFormer adds around this one (rare-class
-sampling of the source stream, the ImageNet feature distance on the source features, the
-pseudo-label crop of the target weights) fit in at 1 (a stream option), in `loss_fn` (one
-more term) and after 2 (a weight map).
+sets model.multi_level False).
 """
 
 import jax
@@ -37,19 +44,29 @@ import jax.numpy as jnp
 
 from jaxda.data import masking, mixing, strong_augment
 from jaxda.losses import dacs as dacs_losses
+from jaxda.losses import feature_distance as fd_losses
 from jaxda.losses import sac as sac_losses
 from jaxda.losses import segmentation
 from jaxda.train import common, spec
 
 TEACHER = "teacher"
+IMNET = "imnet"
 EMA_TIMINGS = ("before", "after")
 # Folded into the step key for MIC's draws: the other draws keep their keys with MIC off.
 _MIC_KEY_TAG = 0x31C
 
 
 def networks(config) -> dict[str, spec.Network]:
-    """The student 'seg' and the EMA teacher (same architecture, starting as a copy)."""
-    return {"seg": spec.segmenter(config), TEACHER: spec.teacher_of(config)}
+    """The student 'seg', the EMA teacher (same architecture, starting as a copy) and, with
+    the feature distance on, 'imnet': a frozen copy of the student's initialisation (DAFormer's
+    `imnet_model`; `config.init.imnet` may name another source). It is a teacher slot, so the
+    optimizer never sees it, but it is checkpointed with the training state: one more copy of
+    the network's variables on the devices and in every checkpoint (head included, as
+    DAFormer's; the step uses only its encoder features, and XLA drops the unused head)."""
+    nets = {"seg": spec.segmenter(config), TEACHER: spec.teacher_of(config)}
+    if config.dacs.feature_distance.weight > 0:
+        nets[IMNET] = spec.teacher_of(config)
+    return nets
 
 
 def teacher_update(teacher: dict, student: dict, step, alpha: float) -> dict:
@@ -163,21 +180,39 @@ def train_step(state, batch, *, networks, tx, config):
     pseudo, weights = dacs_losses.pseudo_labels(
         probs, cfg.pseudo_threshold, scope=cfg.confidence_scope
     )
+    cropped = dacs_losses.crop_weights(weights, cfg.pseudo_ignore_top, cfg.pseudo_ignore_bottom)
     mixed = jax.lax.stop_gradient(
-        mixed_batch(mix_key, source, target, pseudo, weights, probs.shape[-1], config)
+        mixed_batch(mix_key, source, target, pseudo, cropped, probs.shape[-1], config)
     )
     mic_weight = cfg.mic.weight if "mic" in cfg else 0.0
     mic_key, masked_key = jax.random.split(jax.random.fold_in(state.step_key(), _MIC_KEY_TAG))
     masked = masked_target(mic_key, target["image"], config) if mic_weight else None
+    fd_cfg = cfg.feature_distance
+    use_fd = fd_cfg.weight > 0
+    if use_fd:  # The frozen network's features and the mask do not depend on the parameters.
+        _, _, sown = common.forward(
+            networks[IMNET], state.teachers[IMNET], source["image"], train=False, features=True
+        )
+        layer = common.feature_layer(sown, fd_cfg.layer, "config.dacs.feature_distance.layer")
+        frozen = jax.lax.stop_gradient(sown[layer])
+        fd_mask = fd_losses.patch_mask(
+            source["label"], frozen.shape[1:3], fd_cfg.classes, fd_cfg.min_ratio, config.num_classes
+        )
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
-        outputs, batch_stats = common.forward(
-            model, variables, source["image"], train=True, rng=source_key
+        outputs, batch_stats, *sown = common.forward(
+            model, variables, source["image"], train=True, features=use_fd, rng=source_key
         )
         loss_source = source_loss(
             upsample(outputs, source["label"].shape[1:3]), source["label"], config
         )
+        terms = {"loss_source": loss_source}
+        if use_fd:  # On the source forward's own features, as DAFormer's `calc_feat_dist`.
+            fd, terms["feature_distance_patches"] = fd_losses.masked_feature_distance(
+                sown[0][layer], frozen, fd_mask
+            )
+            terms["loss_feature_distance"] = fd
         variables = {"params": params, "batch_stats": batch_stats}
         outputs, batch_stats = common.forward(
             model, variables, mixed["image"], train=True, rng=mixed_key
@@ -186,14 +221,16 @@ def train_step(state, batch, *, networks, tx, config):
             upsample(outputs, size), mixed["label"], mixed["weight"]
         )
         loss = loss_source + cfg.mix_weight * loss_mix
-        metrics = {"loss_source": loss_source, "loss_mix": loss_mix}
-        if mic_weight:
+        metrics = {**terms, "loss_mix": loss_mix}
+        if use_fd:  # One gradient of all the terms (DAFormer: a backward per term).
+            loss = loss + fd_cfg.weight * terms["loss_feature_distance"]
+        if mic_weight:  # MIC's targets: the pseudo labels, their weights after the crop.
             variables = {"params": params, "batch_stats": batch_stats}
             outputs, batch_stats = common.forward(
                 model, variables, masked, train=True, rng=masked_key
             )
             metrics["loss_masked"] = dacs_losses.weighted_cross_entropy(
-                upsample(outputs, size), pseudo, weights
+                upsample(outputs, size), pseudo, cropped
             )
             loss = loss + mic_weight * metrics["loss_masked"]
         return loss, (batch_stats, metrics)

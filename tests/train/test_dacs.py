@@ -1,7 +1,10 @@
 """DACS's train step (`jaxda/train/dacs.py`) on the tiny benchmark: its loss against the
 source CE and the weighted mixed CE computed here from the step's own draws, the teacher
-against the EMA formula over several steps, the configs, and a run interrupted after a
+against the EMA formula over several steps, DAFormer's feature distance and pseudo-label crop
+against separate forward passes and NumPy, the configs, and a run interrupted after a
 checkpoint ending exactly as an uninterrupted one (`configs/dacs.py`)."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +16,12 @@ from jaxda import checkpoints
 from jaxda import mesh as mesh_lib
 from jaxda.data import input_pipeline, masking, mixing
 from jaxda.data.labels import IGNORE_LABEL
+from jaxda.losses import feature_distance
 from jaxda.models import layers
-from jaxda.train import dacs, trainer
+from jaxda.train import common, dacs, initialization, trainer
 from jaxda.train import state as state_lib
 from tests.conftest import shrink_to_tiny
+from tests.losses.test_feature_distance import numpy_downscale, numpy_masked_distance
 
 
 def _config(data_dir, **overrides):
@@ -187,12 +192,173 @@ def test_mic_adds_the_weighted_ce_of_masked_target_images(data_dir):
     assert float(metrics["loss"]) == pytest.approx(float(total), rel=1e-6)
 
 
+def _fd_config(data_dir, model="mit", **feature_distance):
+    """The tiny config with DAFormer's additions on: FD weight 0.5 (100 x DAFormer's, to weigh
+    in the gradient) on the tiny MiT's stride-4 'stage1' (its 'stage4' grid of 32 x 64 crops
+    is 1 x 2, too coarse for thing patches), the thing classes; 3 / 5 rows cropped; MIC off."""
+    arg = "synthetic,model=mit" if model == "mit" else "synthetic"
+    config = shrink_to_tiny(dacs_config.get_config(arg), data_dir)
+    config.batch_size = 4
+    config.dacs.feature_distance.update({"weight": 0.5, "layer": "stage1", **feature_distance})
+    config.dacs.pseudo_ignore_top, config.dacs.pseudo_ignore_bottom = 3, 5
+    return config
+
+
+@pytest.mark.slow  # 85-125 s on 2 busy cores (MiT compiles); twin: test_feature_distance_wiring
+def test_feature_distance_and_pseudo_label_crop_step(data_dir):
+    """The step's losses with FD, the crop and MIC on equal ones recomputed from separate
+    forward passes and NumPy: FD between the student's training-mode 'stage1' features on the
+    source batch (the source CE's forward, its dropout key) and the frozen network's
+    evaluation-mode ones, over the patches whose 4 x 4 labels are >= 75% a thing class; the
+    mixed CE with the pseudo weight 0 on the 3 top and 5 bottom rows, 1 on pasted source
+    pixels; MIC's CE with the cropped weights (MIC's code); the logged confidence weight is
+    the share over all target pixels. Over two steps 'imnet' (outside the optimizer) stays as
+    it was, bit for bit, while the student moves."""
+    config = _fd_config(data_dir)
+    config.dacs.mic.update(weight=0.25, block_size=8)
+    setup = trainer.build(config, mesh_lib.make_mesh(1))
+    state = trainer.init_state(config, setup)
+    assert set(state.teachers) == {"teacher", "imnet"} and "imnet" not in state.params
+    # The frozen copy apart from the student (at init they are equal: FD would be 0).
+    rng = np.random.default_rng(0)
+    for a, b in zip(
+        *map(jax.tree.leaves, (state.teachers["imnet"], state.variables())), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)  # A copy of the student's initialisation.
+    imnet = jax.device_get(state.teachers["imnet"])  # On the host: the step donates the state.
+    noise = lambda x: x + 0.05 * rng.normal(size=x.shape).astype(x.dtype)  # noqa: E731
+    imnet = {**imnet, "params": jax.tree.map(noise, imnet["params"])}
+    state = state.replace(teachers={**state.teachers, "imnet": imnet})
+    state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, setup.abstract_state))
+    batches = _batches(config, 2)
+    source, target = batches[0]["source"], batches[0]["target"]
+    model = setup.modules["seg"]
+    student = jax.device_get(state.variables("seg"))  # Step 0: the teacher becomes it.
+    size = target["image"].shape[1:3]
+    up = lambda x: np.asarray(layers.resize_bilinear(x["main"], size), np.float64)  # noqa: E731
+    # One compiled training-mode forward with features for the student's passes (and the
+    # teacher's: at step 0 it is the student, run without dropout).
+    forward = jax.jit(
+        lambda v, x, rngs: model.apply(
+            v, x, train=True, mutable=["batch_stats", "intermediates"], rngs=rngs
+        )
+    )
+    logits, _ = forward(student, target["image"], {})
+    p = np.exp(up(logits) - up(logits).max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    # A randomly initialised network is never 0.968 sure: the threshold is the middle of the
+    # widest gap between neighbours in the middle half of the sorted maximum probabilities (a
+    # confidence weight strictly between 0 and 1 that float32 rounding cannot change).
+    top = np.sort(p.max(-1).ravel())
+    middle = top[top.size // 4 : 3 * top.size // 4]
+    k = int(np.argmax(np.diff(middle)))
+    config.dacs.pseudo_threshold = float(middle[k] + middle[k + 1]) / 2
+    q = np.mean(p.max(-1) >= config.dacs.pseudo_threshold)
+    assert 0 < q < 1
+    mix_key, source_key, mixed_key = jax.random.split(state.step_key(), 3)
+    mask_key, strong_key = jax.random.split(mix_key)
+    m = np.asarray(mixing.classmix_masks(mask_key, jnp.asarray(source["label"]), 19)[0])
+    image = np.where(m[..., None], source["image"], target["image"])
+    image = dacs.strong_transform(strong_key, jnp.asarray(image), config)
+    pseudo_weight = np.full(m.shape, q)
+    pseudo_weight[:, :3] = pseudo_weight[:, -5:] = 0.0
+    weight = np.where(m, 1.0, pseudo_weight)
+    label = np.where(m, source["label"], p.argmax(-1)).astype(np.int64)
+
+    out, updates = forward(student, source["image"], {"dropout": source_key})
+    loss_source = _ce(up(out), np.asarray(source["label"]).astype(np.int64))
+    _, frozen = model.apply(jax.device_get(imnet), source["image"], mutable=["intermediates"])
+    patches = numpy_downscale(source["label"], 4, 0.75, 19)
+    fd, count = numpy_masked_distance(
+        updates["intermediates"]["stage1"][0],
+        frozen["intermediates"]["stage1"][0],
+        np.isin(patches, feature_distance.THING_CLASSES),
+    )
+    assert 0 < count < patches.size and fd > 0
+    variables = {"params": student["params"], "batch_stats": updates["batch_stats"]}
+    out, _ = forward(variables, image, {"dropout": mixed_key})
+    loss_mix = _ce(up(out), label, weight)
+    mic_key, masked_key = jax.random.split(jax.random.fold_in(state.step_key(), dacs._MIC_KEY_TAG))
+    strong_key, mask_key = jax.random.split(mic_key)
+    masked = dacs.strong_transform(strong_key, jnp.asarray(target["image"]), config, True)
+    keep = np.asarray(masking.block_mask(mask_key, config.batch_size, size, 8, 0.7))
+    out, _ = forward(variables, np.where(keep[..., None], masked, 0.0), {"dropout": masked_key})
+    loss_masked = _ce(up(out), p.argmax(-1), pseudo_weight)
+
+    step_fn = trainer.jit_train_step(config, setup)
+    state, metrics = step_fn(state, batches[0])
+    assert float(metrics["loss_source"]) == pytest.approx(loss_source, rel=1e-4)
+    assert float(metrics["loss_feature_distance"]) == pytest.approx(fd, rel=1e-4)
+    assert int(metrics["feature_distance_patches"]) == count
+    assert float(metrics["loss_mix"]) == pytest.approx(loss_mix, rel=1e-4)
+    assert float(metrics["confidence_weight"]) == pytest.approx(q, rel=1e-6)
+    assert float(metrics["loss_masked"]) == pytest.approx(loss_masked, rel=1e-4)
+    expected = loss_source + loss_mix + 0.5 * fd + 0.25 * loss_masked
+    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-4)
+    state, _ = step_fn(state, batches[1])
+    state = jax.device_get(state)
+    for a, b in zip(jax.tree.leaves(state.teachers["imnet"]), jax.tree.leaves(imnet), strict=True):
+        np.testing.assert_array_equal(a, b)
+    moved = jax.tree.leaves(state.params["seg"]), jax.tree.leaves(student["params"])
+    assert any(not np.array_equal(a, b) for a, b in zip(*moved, strict=True))
+
+
+def _traced_metrics(config, batch_size=4, crop=(32, 64)):
+    """The step's metric shapes, traced on shapes only (nothing compiles or runs)."""
+    setup = trainer.build(config, mesh_lib.make_mesh(1))
+    stream = {
+        "image": jax.ShapeDtypeStruct((batch_size, *crop, 3), jnp.float32),
+        "label": jax.ShapeDtypeStruct((batch_size, *crop), jnp.uint8),
+    }
+    step = functools.partial(
+        setup.method.train_step, networks=setup.modules, tx=setup.tx, config=config
+    )
+    _, metrics = jax.eval_shape(step, setup.abstract_state, {"source": stream, "target": stream})
+    return setup, metrics
+
+
+def test_feature_distance_wiring(data_dir):
+    """Default-run twin of the step test above, traced on shapes (the tiny DeepLabV2 traces in
+    half the MiT's time; classes=() as its grid cannot take DAFormer's mask, which
+    tests/losses/test_feature_distance.py checks): with the weight on, the networks gain
+    'imnet', a teacher slot (no optimizer) initialised as a copy of 'seg' after any load, and
+    the step logs the term and its patch count; '' picks the last stage, an unknown layer is
+    named."""
+    config = _fd_config(data_dir, model="deeplab_v2", layer="", classes=())
+    setup, metrics = _traced_metrics(config)
+    assert set(setup.networks) == {"seg", "teacher", "imnet"}
+    assert setup.networks["imnet"].is_teacher and setup.networks["imnet"].init == "copy:seg"
+    assert "imnet" in setup.abstract_state.teachers and "imnet" not in setup.abstract_state.params
+    assert metrics["loss_feature_distance"].shape == metrics["feature_distance_patches"].shape == ()
+    # Copies are made after loads: with init_from, 'imnet' starts as the loaded weights.
+    config = _fd_config(data_dir)
+    config.init_from = "/imagenet"
+    assert list(initialization.sources(config, setup.networks).items()) == [
+        ("seg", "/imagenet"),
+        ("teacher", "copy:seg"),
+        ("imnet", "copy:seg"),
+    ]
+    layer = functools.partial(common.feature_layer, key="config.dacs.feature_distance.layer")
+    sown = {"layer1": 0, "layer4": 0}
+    assert layer({"stage1": 0, "stage4": 0}, "") == "stage4"
+    assert layer(sown, "") == layer(sown, "layer4") == "layer4"
+    with pytest.raises(ValueError, match=r"distance.layer='stage9'.*'layer4'"):
+        layer(sown, "stage9")
+    with pytest.raises(ValueError, match=r"layer='': the network sows \['feature'\]"):
+        layer({"feature": 0}, "")
+
+
 def test_configs_build():
     for arg in ("", "synthetic,model=mit"):
         config = dacs_config.get_config(arg)
         setup = trainer.build(config, mesh_lib.make_mesh(1))
         assert set(setup.networks) == {"seg", "teacher"}
         assert "head_aux" not in setup.abstract_state.params["seg"]
+        # DAFormer's additions are off (DACS), their keys at DAFormer's other values.
+        cfg, fd = config.dacs, config.dacs.feature_distance
+        assert (fd.weight, cfg.pseudo_ignore_top, cfg.pseudo_ignore_bottom) == (0.0, 0, 0)
+        assert tuple(fd.classes) == (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
+        assert (fd.min_ratio, fd.layer) == (0.75, "")
     daformer, original = dacs_config.get_config(), dacs_config.get_config("original")
     assert (daformer.optimizer.name, daformer.optimizer.learning_rate) == ("adamw", 6e-5)
     assert (original.optimizer.name, original.optimizer.learning_rate) == ("sgd", 2.5e-4)
