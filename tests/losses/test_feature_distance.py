@@ -10,6 +10,7 @@ import pytest
 
 from jaxda.data.labels import IGNORE_LABEL
 from jaxda.losses import feature_distance as fd
+from jaxda.models import deeplab_v2
 
 
 def numpy_downscale(labels, scale, min_ratio, num_classes, ignore=IGNORE_LABEL):
@@ -90,9 +91,13 @@ def test_label_scale_is_daformers_and_names_the_sizes():
     assert fd.label_scale((512, 1024), (16, 32)) == 32  # MiT stage 4 of a 512 x 1024 crop.
     assert fd.label_scale((512, 512), (64, 64)) == 8
     assert fd.label_scale((520, 520), (17, 17)) == 30  # DAFormer: 520 // 30 = 17 fits.
-    # DeepLabV2's PyTorch-style grid: 512 // 65 = 7, 512 // 7 = 73, not 65.
+    # The library's DeepLabV2 grid (PyTorch's arithmetic): 512 // 65 = 7, 512 // 7 = 73.
+    grid = deeplab_v2.output_size(512), deeplab_v2.output_size(512)
     with pytest.raises(ValueError, match=r"512x512 .* 512 // 65 = 7 to 73x73.* grid 65x65"):
-        fd.label_scale((512, 512), (65, 65))
+        fd.label_scale((512, 512), grid)
+    grid = deeplab_v2.output_size(32), deeplab_v2.output_size(64)  # The tests' tiny crops.
+    with pytest.raises(ValueError, match=r"64 // 9 = 7 to 4x9.* grid 5x9"):
+        fd.label_scale((32, 64), grid)
     with pytest.raises(ValueError, match="grid 16x16"):  # Width fits, height does not.
         fd.label_scale((256, 512), (16, 16))
     with pytest.raises(ValueError, match="= 1 to"):  # DAFormer asserts scale > 1.
