@@ -14,7 +14,9 @@ from jaxda.models.layers import resize_bilinear, resize_bilinear_align_corners
 from jaxda.train.state import TrainState
 
 
-def forward(model, variables: dict, images, *, train: bool, features: bool = False, rng=None):
+def forward(
+    model, variables: dict, images, *, train: bool, features: bool = False, rng=None, **kwargs
+):
     """Runs a segmentation network; in training mode BN may update its running statistics.
 
     Args:
@@ -22,6 +24,7 @@ def forward(model, variables: dict, images, *, train: bool, features: bool = Fal
       features: also return the backbone features the model sows ('intermediates').
       rng: training mode: the 'dropout' key of models with dropout (DeepLabV3+); models
         without dropout ignore it, so it changes nothing for them.
+      kwargs: more arguments of the model's call (HRDA's training `box`).
 
     Returns:
       ({head: [N, h, w, classes] logits at stride 8}, new batch_stats), and with `features`
@@ -30,9 +33,11 @@ def forward(model, variables: dict, images, *, train: bool, features: bool = Fal
     mutable = (["batch_stats"] if train else []) + (["intermediates"] if features else [])
     rngs = {"dropout": rng} if train and rng is not None else None
     if mutable:
-        outputs, updates = model.apply(variables, images, train=train, mutable=mutable, rngs=rngs)
+        outputs, updates = model.apply(
+            variables, images, train=train, mutable=mutable, rngs=rngs, **kwargs
+        )
     else:
-        outputs, updates = model.apply(variables, images, train=train, rngs=rngs), {}
+        outputs, updates = model.apply(variables, images, train=train, rngs=rngs, **kwargs), {}
     batch_stats = updates.get("batch_stats", variables.get("batch_stats", {}))
     if not features:
         return outputs, batch_stats

@@ -45,8 +45,10 @@ import jax.numpy as jnp
 from jaxda.data import masking, mixing, strong_augment
 from jaxda.losses import dacs as dacs_losses
 from jaxda.losses import feature_distance as fd_losses
+from jaxda.losses import hrda as hrda_losses
 from jaxda.losses import sac as sac_losses
 from jaxda.losses import segmentation
+from jaxda.models import hrda
 from jaxda.train import common, spec
 
 TEACHER = "teacher"
@@ -54,6 +56,8 @@ IMNET = "imnet"
 EMA_TIMINGS = ("before", "after")
 # Folded into the step key for MIC's draws: the other draws keep their keys with MIC off.
 _MIC_KEY_TAG = 0x31C
+# Folded into a pass's dropout key for HRDA's detail box.
+_BOX_KEY_TAG = 0xB0C
 
 
 def networks(config) -> dict[str, spec.Network]:
@@ -159,6 +163,42 @@ def source_loss(logits, labels, config) -> jax.Array:
     return segmentation.cross_entropy(logits, labels)
 
 
+def student_pass(model, variables, images, labels, weights, *, rng, config, features=False):
+    """The student in training mode on `images` [B, H, W, 3] and its loss against `labels`
+    [B, H, W] x `weights` (None: the source CE, `source_loss`; else the weighted CE).
+
+    HRDA (`hrda.HRDA`): a detail box drawn per pass (HRDA draws one per forward_train), and
+    its fused + detail loss (`config.model.hr_loss_weight`), a mean over all pixels.
+
+    Returns (loss, new batch_stats, sown features or None, {'loss_hr': ...} for HRDA).
+    """
+    kwargs, box, cfg = {}, None, config.dacs
+    if isinstance(model, hrda.HRDA):
+        crop = [min(c, s) for c, s in zip(model.hr_crop_size, images.shape[1:3], strict=True)]
+        divisible = round(hrda.OUTPUT_STRIDE / model.lr_scale)
+        box = kwargs["box"] = hrda.crop_box(
+            jax.random.fold_in(rng, _BOX_KEY_TAG), images.shape[1:3], crop, divisible
+        )
+    outputs, batch_stats, *sown = common.forward(
+        model, variables, images, train=True, features=features, rng=rng, **kwargs
+    )
+    sown = sown[0] if features else None
+    if box is not None:
+        loss, terms = hrda_losses.hrda_loss(
+            outputs,
+            labels.astype(jnp.int32),
+            weights,
+            box,
+            hr_loss_weight=config.model.get("hr_loss_weight", 0.1),
+            lr_loss_weight=config.model.get("lr_loss_weight", 0.0),
+        )
+        return loss, batch_stats, sown, {"loss_hr": terms.get("hr", 0.0)}
+    logits = common.upsample(outputs, labels.shape[1:3], cfg.align_corners)["main"]
+    if weights is None:
+        return source_loss(logits, labels, config), batch_stats, sown, {}
+    return dacs_losses.weighted_cross_entropy(logits, labels, weights), batch_stats, sown, {}
+
+
 def train_step(state, batch, *, networks, tx, config):
     """One DACS iteration (module docstring)."""
     cfg, model = config.dacs, networks["seg"]
@@ -200,39 +240,47 @@ def train_step(state, batch, *, networks, tx, config):
         )
 
     def loss_fn(params):
-        variables = {"params": params, "batch_stats": state.batch_stats}
-        outputs, batch_stats, *sown = common.forward(
-            model, variables, source["image"], train=True, features=use_fd, rng=source_key
+        loss_source, batch_stats, sown, hr = student_pass(
+            model,
+            {"params": params, "batch_stats": state.batch_stats},
+            source["image"],
+            source["label"],
+            None,
+            rng=source_key,
+            features=use_fd,
+            config=config,
         )
-        loss_source = source_loss(
-            upsample(outputs, source["label"].shape[1:3]), source["label"], config
-        )
-        terms = {"loss_source": loss_source}
+        metrics = {"loss_source": loss_source, **_suffixed(hr, "_source")}
         if use_fd:  # On the source forward's own features, as DAFormer's `calc_feat_dist`.
-            fd, terms["feature_distance_patches"] = fd_losses.masked_feature_distance(
-                sown[0][layer], frozen, fd_mask
+            fd, metrics["feature_distance_patches"] = fd_losses.masked_feature_distance(
+                sown[layer], frozen, fd_mask
             )
-            terms["loss_feature_distance"] = fd
-        variables = {"params": params, "batch_stats": batch_stats}
-        outputs, batch_stats = common.forward(
-            model, variables, mixed["image"], train=True, rng=mixed_key
+            metrics["loss_feature_distance"] = fd
+        loss_mix, batch_stats, _, hr = student_pass(
+            model,
+            {"params": params, "batch_stats": batch_stats},
+            mixed["image"],
+            mixed["label"],
+            mixed["weight"],
+            rng=mixed_key,
+            config=config,
         )
-        loss_mix = dacs_losses.weighted_cross_entropy(
-            upsample(outputs, size), mixed["label"], mixed["weight"]
-        )
+        metrics.update(loss_mix=loss_mix, **_suffixed(hr, "_mix"))
         loss = loss_source + cfg.mix_weight * loss_mix
-        metrics = {**terms, "loss_mix": loss_mix}
         if use_fd:  # One gradient of all the terms (DAFormer: a backward per term).
-            loss = loss + fd_cfg.weight * terms["loss_feature_distance"]
+            loss = loss + fd_cfg.weight * metrics["loss_feature_distance"]
         if mic_weight:  # MIC's targets: the pseudo labels, their weights after the crop.
-            variables = {"params": params, "batch_stats": batch_stats}
-            outputs, batch_stats = common.forward(
-                model, variables, masked, train=True, rng=masked_key
+            loss_masked, batch_stats, _, hr = student_pass(
+                model,
+                {"params": params, "batch_stats": batch_stats},
+                masked,
+                pseudo,
+                cropped,
+                rng=masked_key,
+                config=config,
             )
-            metrics["loss_masked"] = dacs_losses.weighted_cross_entropy(
-                upsample(outputs, size), pseudo, cropped
-            )
-            loss = loss + mic_weight * metrics["loss_masked"]
+            metrics.update(loss_masked=loss_masked, **_suffixed(hr, "_masked"))
+            loss = loss + mic_weight * loss_masked
         return loss, (batch_stats, metrics)
 
     (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -249,6 +297,10 @@ def train_step(state, batch, *, networks, tx, config):
         pseudo_label_accuracy=common.pseudo_label_accuracy(pseudo, target["label"]),
     )
     return new_state, {"loss": loss, **metrics}
+
+
+def _suffixed(terms: dict, suffix: str) -> dict:
+    return {f"{k}{suffix}": v for k, v in terms.items()}
 
 
 METHOD = spec.Method(train_step, ("source", "target"), networks=networks)
