@@ -21,7 +21,15 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from jaxda.data import augment, class_uniform, importance, randaugment, sources, view_groups
+from jaxda.data import (
+    augment,
+    class_uniform,
+    importance,
+    label_sampling,
+    randaugment,
+    sources,
+    view_groups,
+)
 from jaxda.data import eval_decoding as eval_decoding_lib
 from jaxda.data import labels as labels_lib
 
@@ -293,7 +301,8 @@ def _decode_fn(
         label = tf.io.decode_png(example["label"], channels=1)
         base_size = tf.shape(label)[:2]
         example_key = None if key is None else augment.example_seed(key, example["position"])
-        opts, view_opts = class_uniform.with_centroid(example, options, views)  # RobustNet's crops.
+        # RobustNet's centroid: an option of the example's crops.
+        opts, view_opts = label_sampling.with_fields(example, options, views)
         if views is None:
             # Random scaling resamples the original once, by a factor of `size`, instead of
             # resizing to `size` first and resampling twice.
@@ -379,14 +388,14 @@ def train_iterator(
         )
         if tables is not None:  # DA-SAC's importance sampling replaces the example index.
             samples = importance.importance_indices(samples, tables, seed)
-        yield from class_uniform.examples(reader, samples, plan)  # With a plan: its items.
+        yield from label_sampling.examples(reader, samples, plan)  # With a plan: its items.
 
     signature = {
         "image": tf.TensorSpec((), tf.string),
         "label": tf.TensorSpec((), tf.string),
         "position": tf.TensorSpec((), tf.int64),
         "index": tf.TensorSpec((), tf.int64),
-        **class_uniform.signature(plan),
+        **label_sampling.signature(plan),
     }
     decode = _decode_fn(domain_config, data_config, None, seed=tuple(seed))
 
