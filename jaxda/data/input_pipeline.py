@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from jaxda.data import (
     augment,
+    augment_options,
     class_uniform,
     importance,
     label_sampling,
@@ -132,70 +133,6 @@ def resize_image(image: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
     return tf.ensure_shape(image, [height, width, 3])
 
 
-def _augment_options(domain_config: ml_collections.ConfigDict) -> dict | None:
-    """Validated keyword arguments of `augment.augment` for a training stream; None if all off.
-
-    With `random_scale` and no `crop_size` the scaled image is cropped (or padded) back to
-    `size`, so that every batch has a static shape.
-    """
-    c = domain_config
-    random_scale, crop_size, blur_sigma = map(tuple, (c.random_scale, c.crop_size, c.blur_sigma))
-    if not (random_scale or crop_size or c.flip or c.blur_prob or c.color_jitter):
-        return None
-    name = f"data stream {c.name}:{c.split}"
-    if random_scale and (len(random_scale) != 2 or not 0 < random_scale[0] <= random_scale[1]):
-        raise ValueError(f"{name}: random_scale must be () or (min, max) with 0 < min <= max")
-    if crop_size and (len(crop_size) != 2 or min(crop_size) < 1):
-        raise ValueError(f"{name}: crop_size must be () or (height, width) with both > 0")
-    if not 0 <= c.blur_prob <= 1 or len(blur_sigma) != 2 or not 0 <= blur_sigma[0] <= blur_sigma[1]:
-        raise ValueError(f"{name}: need 0 <= blur_prob <= 1 and blur_sigma = (min, max) >= 0")
-    if not 0 <= c.color_jitter < 1:
-        raise ValueError(f"{name}: color_jitter must be in [0, 1)")
-    if random_scale and not crop_size:
-        if not c.size:
-            raise ValueError(
-                f"{name}: random_scale={random_scale} needs crop_size or size to give the batches "
-                "a fixed shape; set crop_size=(height, width) or size=(height, width)"
-            )
-        crop_size = tuple(c.size)
-    return {
-        "random_scale": random_scale,
-        "crop_size": crop_size,
-        "flip_prob": 0.5 if c.flip else 0.0,
-        "blur_prob": float(c.blur_prob),
-        "blur_sigma": blur_sigma,
-        "color_jitter_strength": float(c.color_jitter),
-    }
-
-
-# Augmentation keys of a stream config that a view may override.
-AUGMENTATION_KEYS = ("random_scale", "crop_size", "flip", "blur_prob", "blur_sigma", "color_jitter")
-# Keys of a training example, which a view name would shadow.
-_RESERVED_VIEW_NAMES = ("image", "label", "box", "flip", "position", "index", "valid")
-
-
-def _view_options(domain_config: ml_collections.ConfigDict) -> dict[str, dict | None] | None:
-    """{view name: `_augment_options` of the stream with the view's overrides}, or None when
-    the stream has no `views` (a key read with a default: older configs lack it)."""
-    views = domain_config.get("views")
-    if not views:
-        return None
-    options = {}
-    for name, overrides in views.items():
-        unknown = sorted(set(overrides.keys()) - set(AUGMENTATION_KEYS))
-        if name in _RESERVED_VIEW_NAMES or unknown:
-            raise ValueError(
-                f"data stream {domain_config.name}:{domain_config.split}: view {name!r} must "
-                f"not be named one of {_RESERVED_VIEW_NAMES} and may only override "
-                f"{AUGMENTATION_KEYS}; unknown: {unknown}"
-            )
-        view_config = domain_config.copy_and_resolve_references()
-        for key, value in overrides.items():
-            view_config[key] = value
-        options[name] = _augment_options(view_config)
-    return options
-
-
 # The strong view's seed name (folded into the example seed), so adding or renaming views
 # never changes the strong draws.
 _STRONG_SEED_NAME = "randaugment/strong"
@@ -230,8 +167,8 @@ def _decode_fn(
     table = _label_table(domain_config.label_map)
     table = None if table is None else tf.constant(table)
     size = domain_config.size
-    views = _view_options(domain_config) if seed else None
-    options = _augment_options(domain_config) if seed and views is None else None
+    views = augment_options.views(domain_config) if seed else None
+    options = augment_options.stream(domain_config) if seed and views is None else None
     strong = _strong_options(domain_config, views) if seed else None
     group = view_groups.group_options(domain_config) if seed else None
     key = tf.constant(augment.stream_key(seed)) if seed else None
