@@ -1,20 +1,26 @@
-"""A training stream's `augment.augment` options, validated, from its config: the stream's own
-(`stream`) and, for a stream with `views`, each view's (`views`)."""
+"""A training stream's augmentation options, validated, from its config: the stream's own
+(`stream`) and, for a stream with `views`, each view's (`views`). They are the keyword
+arguments of `crop_retry.augment_view`: those of `augment.augment` and its crop re-draw rules
+(mmseg's cat_max_ratio, DAFormer's rare-class retry)."""
 
 import ml_collections
 
+from jaxda.data import crop_retry
+
 
 def stream(domain_config: ml_collections.ConfigDict) -> dict | None:
-    """Validated keyword arguments of `augment.augment` for a training stream; None if all off.
+    """Validated keyword arguments of `crop_retry.augment_view` (those of `augment.augment` and
+    the crop rules) for a training stream; None if all off.
 
     With `random_scale` and no `crop_size` the scaled image is cropped (or padded) back to
     `size`, so that every batch has a static shape.
     """
     c = domain_config
     random_scale, crop_size, blur_sigma = map(tuple, (c.random_scale, c.crop_size, c.blur_sigma))
+    name = f"data stream {c.name}:{c.split}"
+    retry = crop_retry.stream_options(c, bool(crop_size or (random_scale and c.size)), name)
     if not (random_scale or crop_size or c.flip or c.blur_prob or c.color_jitter):
         return None
-    name = f"data stream {c.name}:{c.split}"
     if random_scale and (len(random_scale) != 2 or not 0 < random_scale[0] <= random_scale[1]):
         raise ValueError(f"{name}: random_scale must be () or (min, max) with 0 < min <= max")
     if crop_size and (len(crop_size) != 2 or min(crop_size) < 1):
@@ -37,13 +43,14 @@ def stream(domain_config: ml_collections.ConfigDict) -> dict | None:
         "blur_prob": float(c.blur_prob),
         "blur_sigma": blur_sigma,
         "color_jitter_strength": float(c.color_jitter),
+        **retry,  # Crops re-drawn for mmseg's cat_max_ratio and DAFormer's rare classes.
     }
 
 
 # Augmentation keys of a stream config that a view may override.
 AUGMENTATION_KEYS = ("random_scale", "crop_size", "flip", "blur_prob", "blur_sigma", "color_jitter")
 # Keys of a training example, which a view name would shadow.
-RESERVED_VIEW_NAMES = ("image", "label", "box", "flip", "position", "index", "valid")
+RESERVED_VIEW_NAMES = ("image", "label", "box", "flip", "position", "index", "valid", "rcs_class")
 
 
 def views(domain_config: ml_collections.ConfigDict) -> dict[str, dict | None] | None:

@@ -6,7 +6,9 @@ the permutation drawn from (seed, e), and global sample `k` of the stream is
 `s * global_batch_size` and sees exactly the batches an uninterrupted run would have seen,
 with no iterator state to save. Every process reads its slice of each global batch, so the
 global batch (and the result) does not depend on the number of hosts or devices. Optional
-training augmentations (`augment`) are seeded by (seed, position) too, so they resume exactly.
+training augmentations (`augment`) are seeded by (seed, position) too, so they resume exactly,
+as do their re-drawn crops (`crop_retry`). A sampling plan (RobustNet's `class_uniform`,
+DAFormer's `rare_class`) replaces the example of each position (`label_sampling`).
 
 A stream with `views` yields independently augmented views of each example (ProDA's weak and
 strong), each with the `box` and `flip` placing it in the example's frame (`geometry`); with
@@ -25,9 +27,11 @@ from jaxda.data import (
     augment,
     augment_options,
     class_uniform,
+    crop_retry,
     importance,
     label_sampling,
     randaugment,
+    rare_class,
     sources,
     view_groups,
 )
@@ -193,7 +197,7 @@ def _decode_fn(
         valid = None
         box, flip = tf.constant(augment.BASE_BOX), tf.constant(False)
         if options is not None:
-            image, label, valid, box, flip = augment.augment(
+            image, label, valid, box, flip = crop_retry.augment_view(
                 tf.cast(image, tf.float32),
                 label,
                 view_key,
@@ -238,7 +242,7 @@ def _decode_fn(
         label = tf.io.decode_png(example["label"], channels=1)
         base_size = tf.shape(label)[:2]
         example_key = None if key is None else augment.example_seed(key, example["position"])
-        # RobustNet's centroid: an option of the example's crops.
+        # RobustNet's centroid, DAFormer's rare class: options of the example's crops.
         opts, view_opts = label_sampling.with_fields(example, options, views)
         if views is None:
             # Random scaling resamples the original once, by a factor of `size`, instead of
@@ -300,7 +304,8 @@ def train_iterator(
     start: int,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless local batches {'image': [b, H, W, 3] float32, 'label': [b, H, W] uint8,
-    'index': [b] int64 (each example's index in the split), ...}.
+    'index': [b] int64 (each example's index in the split), ...}; a stream with `rare_class`
+    also reports each example's drawn class, 'rcs_class': [b] int64.
 
     Args:
       reader: the stream's examples (`open_reader`).
@@ -313,7 +318,8 @@ def train_iterator(
     local_batch, process_slice = _process_batch_slice(global_batch_size)
     name = f"data stream {domain_config.name}:{domain_config.split}"
     tables = importance.load_tables(domain_config.get("importance") or {}, len(reader), name)
-    plan = class_uniform.load_plan(reader, domain_config, data_config, seed, _label_table)
+    plan = rare_class.load_plan(reader, domain_config, data_config, seed, _label_table)
+    plan = plan or class_uniform.load_plan(reader, domain_config, data_config, seed, _label_table)
 
     def encoded_examples():
         samples = sample_indices(
@@ -337,8 +343,10 @@ def train_iterator(
     decode = _decode_fn(domain_config, data_config, None, seed=tuple(seed))
 
     def decode_with_index(example):
-        # The split index lets methods join per-example offline results (pseudo labels).
-        return {**decode(example), "index": example["index"]}
+        # The split index lets methods join per-example offline results (pseudo labels); the
+        # rare class (DAFormer's RCS) is reported for logging.
+        extra = {k: example[k] for k in ("index", "rcs_class") if k in example}
+        return {**decode(example), **extra}
 
     dataset = tf.data.Dataset.from_generator(encoded_examples, output_signature=signature)
     dataset = dataset.map(

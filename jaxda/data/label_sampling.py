@@ -1,11 +1,11 @@
-"""What label-driven samplers (`class_uniform`: RobustNet's) share.
+"""What the label-driven samplers (`class_uniform`: RobustNet, `rare_class`: DAFormer) share.
 
 1. Per-split label statistics, computed once from the labels and cached beside the prepared
    dataset: `map_labels` decodes a split's labels in parallel; `cached_arrays` writes the
    arrays atomically with the `split_meta` they were computed for, and refuses (naming the
    file, saying to delete it) a cache whose meta differs.
 2. Sampling plans: a plan maps each stream position to an image of the split plus per-example
-   fields (RobustNet's centroid) that the decode reads. A plan has
+   fields (RobustNet's centroid, DAFormer's rare class) that the decode reads. A plan has
    `epoch_length` (the stream's epoch, for `input_pipeline.sample_indices`), `signature`
    ({field: tf.TensorSpec}) and `example(reader, position, index)` -> the encoded example
    {'image', 'label', 'position', 'index' (the image), **fields}. `examples`, `signature` and
@@ -23,7 +23,7 @@ import tensorflow as tf
 from absl import logging
 
 # Example fields that are also `augment` options of the example's views (see `with_fields`).
-DECODE_FIELDS = ("centroid",)
+DECODE_FIELDS = ("centroid", "rcs_class")
 
 
 def map_labels(
@@ -117,7 +117,7 @@ def signature(plan) -> dict[str, tf.TensorSpec]:
 
 
 def with_fields(example: Mapping, options: dict | None, views: dict | None):
-    """(options, views) of `augment.augment` with the example's `DECODE_FIELDS`, if any."""
+    """(options, views) of `crop_retry.augment_view` with the example's `DECODE_FIELDS`, if any."""
     fields = {k: example[k] for k in DECODE_FIELDS if k in example}
     if not fields:
         return options, views
