@@ -394,14 +394,16 @@ def _decode(png: bytes) -> np.ndarray:
 
 
 def test_rare_class_stream_through_the_pipeline(data_dir):
-    """The tiny benchmark's source images (32x64), random scale, 16x24 crops, flips,
+    """The tiny benchmark's source images (32x64), 16x24 crops, flips,
     cat_max_ratio 0.75, RCS with min_pixels 40 (threshold 20): each position's image and
     'rcs_class' are the plan's, its crop is the NumPy reference's, and it resumes exactly."""
     from tests.conftest import tiny_config
 
     config = tiny_config(data_dir=data_dir)
     stream = config.data.source
-    stream.random_scale, stream.crop_size, stream.flip = (0.75, 1.25), (16, 24), True
+    # No random scale: the retry test above covers it exactly (traced); it is left out here to
+    # keep this test's two decode traces short.
+    stream.crop_size, stream.flip = (16, 24), True
     stream.rare_class = {"min_pixels": 40, "temperature": 0.1}
     stream.crop_cat_max_ratio = 0.75
     reader = input_pipeline.open_reader(stream, config.data)
@@ -423,7 +425,7 @@ def test_rare_class_stream_through_the_pipeline(data_dir):
             augment.example_seed(key, position),
             label.shape,
             (16, 24),
-            (0.75, 1.25),
+            (),
             0.75,
             class_id,
             20.0,
