@@ -135,6 +135,23 @@ def domain(
             # labels. Missing keys take these defaults. Needs crop_size; excludes importance.
             # The centroids are computed once and cached beside the prepared dataset.
             "class_uniform": {},
+            # DAFormer's Rare Class Sampling (jaxda/data/rare_class.py): {} = off; else
+            # temperature (0.01), min_pixels (3000), min_crop_ratio (0.5); missing keys take
+            # these defaults. Each item draws a class c with P(c) = softmax((1 - f_c) / T) (f_c:
+            # c's share of the split's labelled pixels at the original label resolution), then
+            # an image uniformly among those with > min_pixels pixels of c (original
+            # resolution; P is renormalised over the classes that have one); its crop is then
+            # re-drawn (scale, crop, flip) up to 10 times until it holds > min_pixels *
+            # min_crop_ratio pixels of c, counted as cropped (after any resize / random scale;
+            # 0 = no retry). The batch reports the class as 'rcs_class'. The pixel counts are
+            # computed once and cached beside the prepared dataset. Excludes class_uniform
+            # and importance.
+            "rare_class": {},
+            # mmseg's RandomCrop cat_max_ratio (DAFormer's GTA5 pipeline: 0.75): up to 10
+            # re-drawn crops until the most frequent class covers < this share of the crop's
+            # labelled (non-255) pixels and more than one class is present. 0 (or 1) = off;
+            # needs a crop.
+            "crop_cat_max_ratio": 0.0,
         }
     )
 

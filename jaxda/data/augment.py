@@ -28,6 +28,8 @@ from jaxda.data.labels import IGNORE_LABEL
 # Slots of the per-example uniform vector.
 _SCALE, _CROP_Y, _CROP_X, _FLIP, _BLUR, _SIGMA, _BRIGHT, _CONTRAST, _SATURATION = range(9)
 _NUM_UNIFORMS = 9
+# The crop's slots (u_y, u_x), which `crop_retry` reads to re-draw crops.
+CROP_SLOTS = (_CROP_Y, _CROP_X)
 # The box of a view showing the whole input frame.
 BASE_BOX = (0.0, 0.0, 1.0, 1.0)
 # ITU-R 601 luma weights (PIL / torchvision greyscale).
@@ -157,13 +159,51 @@ def resize_nearest(label: tf.Tensor, size) -> tf.Tensor:
     return tf.gather(rows, _pil_nearest_indices(shape[1], size[1]), axis=1)
 
 
+def scale_factor(u: tf.Tensor, random_scale: Sequence[float]) -> tf.Tensor | float:
+    """The random scale factor of an example with `uniforms` u: U(min, max); 1 without."""
+    return _lerp(*random_scale, u[_SCALE]) if random_scale else 1.0
+
+
+def scaled_size(factor: tf.Tensor, base_size: tf.Tensor | Sequence[int]) -> tf.Tensor:
+    """int32 [2]: round(factor * base_size), at least 1: the size `scale` resizes to."""
+    return tf.maximum(tf.cast(tf.round(factor * tf.cast(base_size, tf.float32)), tf.int32), 1)
+
+
 def scale(
     image: tf.Tensor, label: tf.Tensor, factor: tf.Tensor, base_size: tf.Tensor
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Resizes image (PIL bicubic, clipped to [0, 255]) and label (PIL nearest) to
     round(factor * base_size)."""
-    size = tf.maximum(tf.cast(tf.round(factor * tf.cast(base_size, tf.float32)), tf.int32), 1)
+    size = scaled_size(factor, base_size)
     return resize_bicubic(image, size), resize_nearest(label, size)
+
+
+def crop_window(
+    shape: tf.Tensor,
+    crop_size: Sequence[int],
+    u_y: tf.Tensor,
+    u_x: tf.Tensor,
+    centroid: tf.Tensor | None = None,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Where `crop` cuts an input of `shape` ([2+] (height, width, ...)): (offsets int32 [2]
+    of the cut's top-left pixel, extent int32 [2] of the cut, padding int32 [2, 2] to reach
+    crop_size). The label counts of retried crops (`crop_retry`) read it without cutting."""
+    offsets, paddings = [], []
+    for axis, u in enumerate((u_y, u_x)):
+        excess = shape[axis] - crop_size[axis]
+        room = tf.abs(excess)
+        offset = tf.minimum(tf.cast(u * tf.cast(room + 1, tf.float32), tf.int32), room)
+        start = offset
+        if centroid is not None:
+            size = crop_size[axis]
+            draw = tf.minimum(tf.cast(u * float(size + 1), tf.int32), size)
+            covering = tf.clip_by_value(centroid[axis] - size + draw, 0, tf.maximum(excess, 0))
+            start = tf.where(centroid[axis] >= 0, covering, offset)
+        offsets.append(tf.where(excess > 0, start, 0))
+        before = tf.where(excess < 0, offset, 0)
+        paddings.append(tf.stack([before, tf.maximum(-excess, 0) - before]))
+    extent = tf.minimum(shape[:2], tf.constant(crop_size, tf.int32))
+    return tf.stack(offsets), extent, tf.stack(paddings)
 
 
 def crop(
@@ -189,26 +229,10 @@ def crop(
     (probability 1 / (crop + 1) when not clamped), which leaves c just past its far edge, as in
     RobustNet. A shorter axis is kept whole, so it holds c anyway.
     """
-    shape = tf.shape(label)
-    offsets, paddings = [], []
-    for axis, u in enumerate((u_y, u_x)):
-        excess = shape[axis] - crop_size[axis]
-        room = tf.abs(excess)
-        offset = tf.minimum(tf.cast(u * tf.cast(room + 1, tf.float32), tf.int32), room)
-        start = offset
-        if centroid is not None:
-            size = crop_size[axis]
-            draw = tf.minimum(tf.cast(u * float(size + 1), tf.int32), size)
-            covering = tf.clip_by_value(centroid[axis] - size + draw, 0, tf.maximum(excess, 0))
-            start = tf.where(centroid[axis] >= 0, covering, offset)
-        offsets.append(tf.where(excess > 0, start, 0))
-        before = tf.where(excess < 0, offset, 0)
-        paddings.append(tf.stack([before, tf.maximum(-excess, 0) - before]))
-    extent = tf.minimum(shape, tf.constant(crop_size, tf.int32))
+    offsets, extent, paddings = crop_window(tf.shape(label), crop_size, u_y, u_x, centroid)
     image = tf.slice(image, [offsets[0], offsets[1], 0], [extent[0], extent[1], 3])
     label = tf.slice(label, offsets, extent)
-    paddings = tf.stack(paddings)
-    return image, label, paddings, tf.stack(offsets) - paddings[:, 0]
+    return image, label, paddings, offsets - paddings[:, 0]
 
 
 def scale_centroid(
@@ -314,6 +338,7 @@ def augment(
     blur_sigma: Sequence[float] = (0.0, 1.0),
     color_jitter_strength: float = 0.0,
     centroid: tf.Tensor | None = None,
+    crop_uniforms: tf.Tensor | None = None,
 ) -> Augmented:
     """Scale -> crop -> photometric -> pad -> flip of an image [H, W, 3] and label [H, W].
 
@@ -321,12 +346,12 @@ def augment(
     on padding, when crop_size is set (the caller zeroes the normalised image there).
     centroid: optional int [4] (y, x, height, width) (`scale_centroid`; y < 0: none): the
     crop covers the scaled centroid as RobustNet's class-uniform crops (`crop`). None, or no
-    crop_size, leaves every draw as without it.
+    crop_size, leaves every draw as without it. crop_uniforms: optional float32 [2] (u_y, u_x)
+    replacing the seed's crop draws (a crop re-drawn by `crop_retry`).
     """
     u = uniforms(seed)
-    factor = 1.0
+    factor = scale_factor(u, random_scale)
     if random_scale:
-        factor = _lerp(*random_scale, u[_SCALE])
         image, label = scale(image, label, factor, base_size)
     padding = None
     box = tf.constant(BASE_BOX)
@@ -335,9 +360,8 @@ def augment(
         scaled_size = tf.cast(tf.shape(label), tf.float32)
         if centroid is not None:
             centroid = scale_centroid(centroid, base_size, factor, tf.shape(label))
-        image, label, padding, start = crop(
-            image, label, crop_size, u[_CROP_Y], u[_CROP_X], centroid
-        )
+        u_crop = tf.gather(u, CROP_SLOTS) if crop_uniforms is None else crop_uniforms
+        image, label, padding, start = crop(image, label, crop_size, u_crop[0], u_crop[1], centroid)
         start = tf.cast(start, tf.float32)
         end = start + tf.constant(crop_size, tf.float32)
         box = tf.concat([start / scaled_size, end / scaled_size], 0)

@@ -19,18 +19,15 @@ permutation of L. Every draw comes from (seed, epoch), so a resumed stream sees 
 The crop of a centroid item covers the centroid scaled with the image (`augment.crop`).
 """
 
-import concurrent.futures
-import itertools
 import os
-import socket
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from jaxda.data import classes, labels, sources
+from jaxda.data import classes, label_sampling, labels, sources
 
 DEFAULTS = {"fraction": 0.5, "tile": 1024}  # RobustNet's CLASS_UNIFORM_PCT and _TILE.
 NUM_CLASSES = labels.NUM_CLASSES  # RobustNet's num_classes: the 19 train ids (by default).
@@ -94,22 +91,12 @@ def compute_table(
     label_pngs: Iterable[bytes], tile: int, num_classes: int, lookup: np.ndarray | None = None
 ) -> CentroidTable:
     """The centroids of encoded labels (decoded as the pipeline does, then mapped through the
-    uint8 [256] `lookup` table of the stream's label_map if any).
+    uint8 [256] `lookup` table of the stream's label_map if any; `label_sampling.map_labels`)."""
 
-    Threads decode in parallel, a chunk of labels at a time, so that a large split (GTA5's
-    24,966 labels) is never held in memory at once.
-    """
-
-    def one(png: bytes):
-        label = tf.io.decode_png(png, channels=1).numpy()[..., 0]
-        if lookup is not None:
-            label = lookup[label]
+    def one(label):
         return label.shape, tile_centroids(label, tile, num_classes)
 
-    results, pngs = [], iter(label_pngs)
-    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        while chunk := list(itertools.islice(pngs, 256)):
-            results.extend(pool.map(one, chunk))
+    results = label_sampling.map_labels(label_pngs, one, lookup)
     rows = [(i, *c) for i, (_, centroids) in enumerate(results) for c in centroids]
     columns = np.array(rows, np.int32).reshape(-1, 4).T
     sizes = np.array([shape for shape, _ in results], np.int32).reshape(-1, 2)
@@ -117,35 +104,22 @@ def compute_table(
 
 
 def _cache_meta(reader, label_map: str, tile: int, num_classes: int) -> dict:
-    return {
-        "dataset": reader.name,
-        "split": reader.split,
-        "subset": reader.subset,
-        "label_key": reader.label_key,
-        "label_map": label_map,
-        "tile": tile,
-        "num_classes": num_classes,
-        "num_images": len(reader),
-        "format": _CACHE_FORMAT,
-    }
+    return label_sampling.split_meta(
+        reader, label_map, num_classes, tile=tile, format=_CACHE_FORMAT
+    )
 
 
 def cache_path(dataset_dir: str, meta: dict) -> str:
-    subset = f"-{meta['subset']}" if meta["subset"] else ""
-    name = f"{meta['split']}{subset}-{meta['label_map'] or 'train_ids'}-tile{meta['tile']}"
-    return os.path.join(dataset_dir, f"class_centroids-{name}.npz")
+    name = label_sampling.cache_name(meta, "class_centroids", f"-tile{meta['tile']}")
+    return os.path.join(dataset_dir, name)
+
+
+_CACHE_WHAT = "Class-uniform centroid cache"
 
 
 def load_table(path: str, meta: dict) -> CentroidTable:
     """A cached table; a clear error if it was computed for another dataset / split / tile."""
-    with np.load(path) as data:
-        stored = {k: data[f"meta_{k}"].item() for k in meta if f"meta_{k}" in data}
-        if stored != meta:
-            raise ValueError(
-                f"Class-uniform centroid cache {path} belongs to {stored}, not to {meta}; "
-                "delete it to recompute"
-            )
-        return CentroidTable(*(data[f] for f in CentroidTable._fields))
+    return CentroidTable(**label_sampling.load_arrays(path, meta, _CACHE_WHAT))
 
 
 def cached_table(
@@ -155,25 +129,16 @@ def cached_table(
     on the labels only, so every run on the split shares them (as `sources` caches image ids).
     A read-only dataset directory is no error: the table is then recomputed per run."""
     meta = _cache_meta(reader, label_map, tile, num_classes)
+
+    def compute():
+        logging.info(
+            "Class-uniform centroids of %s:%s (tile %d), once.", reader.name, reader.split, tile
+        )
+        labels_ = (reader[i]["label"] for i in range(len(reader)))
+        return compute_table(labels_, tile, num_classes, lookup)._asdict()
+
     path = cache_path(dataset_dir, meta)
-    if os.path.exists(path):
-        return load_table(path, meta)
-    logging.info(
-        "Class-uniform centroids of %s:%s (tile %d), once.", reader.name, reader.split, tile
-    )
-    table = compute_table(
-        (reader[i]["label"] for i in range(len(reader))), tile, num_classes, lookup
-    )
-    # Host and pid: processes on several hosts may share the directory, and pids repeat.
-    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}.npz"
-    try:
-        np.savez(tmp, **table._asdict(), **{f"meta_{k}": v for k, v in meta.items()})
-        os.replace(tmp, path)  # Atomic: concurrent processes write the same table.
-    except OSError as error:  # E.g. a read-only dataset directory.
-        logging.warning("Could not cache the class-uniform centroids at %s: %s", path, error)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return table
+    return CentroidTable(**label_sampling.cached_arrays(path, meta, compute, _CACHE_WHAT))
 
 
 def epoch_counts(num_images: int, num_classes: int, fraction: float) -> tuple[int, int]:
@@ -247,6 +212,25 @@ class Plan:
             self._epoch = epoch
         return self._items
 
+    @property
+    def signature(self) -> dict[str, tf.TensorSpec]:
+        """The per-example field `example` adds (`label_sampling`'s plan contract)."""
+        return {"centroid": tf.TensorSpec((4,), tf.int32)}
+
+    def example(self, reader, position: int, index: int) -> dict[str, object]:
+        """The encoded example of stream `position` whose shuffled index is `index`: item
+        `index` of the position's epoch list, its image read, with its 'centroid' int32 [4]
+        (y, x, label height, width) (y = x = -1: a random image) for `augment.augment`."""
+        items = self.items(position // self.epoch_length)
+        image = int(items.image[index])
+        centroid = np.array([items.y[index], items.x[index], *self.table.label_size[image]])
+        return {
+            **reader[image],
+            "position": position,
+            "index": image,
+            "centroid": centroid.astype(np.int32),
+        }
+
 
 def load_plan(
     reader, domain_config, data_config, seed: Sequence[int], label_table: Callable
@@ -278,37 +262,3 @@ def load_plan(
             f"whole tile in labels of (height, width) {sizes}...; use a tile <= the label size"
         )
     return Plan(table, settings["fraction"], seed, num_classes)
-
-
-def examples(
-    reader, samples: Iterable[tuple[int, int]], plan: Plan | None
-) -> Iterator[dict[str, object]]:
-    """Encoded training examples {'image', 'label', 'position', 'index'} of (position, index)
-    `samples`; with a plan, `index` is the item of the position's epoch list, replaced by its
-    image, and each example also gets its 'centroid' int32 [4] (y, x, label height, width)
-    (y = x = -1: a random image) for `augment.augment`."""
-    for position, index in samples:
-        if plan is None:
-            yield {**reader[index], "position": position, "index": index}
-            continue
-        items = plan.items(position // plan.epoch_length)
-        image = int(items.image[index])
-        centroid = np.array(
-            [items.y[index], items.x[index], *plan.table.label_size[image]], np.int32
-        )
-        yield {**reader[image], "position": position, "index": image, "centroid": centroid}
-
-
-def signature(plan: Plan | None) -> dict[str, tf.TensorSpec]:
-    """The extra features `examples` yields."""
-    return {} if plan is None else {"centroid": tf.TensorSpec((4,), tf.int32)}
-
-
-def with_centroid(example: Mapping, options: dict | None, views: dict | None):
-    """(options, views) of `augment.augment` with the example's 'centroid', if it has one."""
-    if "centroid" not in example:
-        return options, views
-    centroid = {"centroid": example["centroid"]}
-    options = None if options is None else {**options, **centroid}
-    views = None if views is None else {k: v and {**v, **centroid} for k, v in views.items()}
-    return options, views

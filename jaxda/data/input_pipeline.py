@@ -6,7 +6,9 @@ the permutation drawn from (seed, e), and global sample `k` of the stream is
 `s * global_batch_size` and sees exactly the batches an uninterrupted run would have seen,
 with no iterator state to save. Every process reads its slice of each global batch, so the
 global batch (and the result) does not depend on the number of hosts or devices. Optional
-training augmentations (`augment`) are seeded by (seed, position) too, so they resume exactly.
+training augmentations (`augment`) are seeded by (seed, position) too, so they resume exactly,
+as do their re-drawn crops (`crop_retry`). A sampling plan (RobustNet's `class_uniform`,
+DAFormer's `rare_class`) replaces the example of each position (`label_sampling`).
 
 A stream with `views` yields independently augmented views of each example (ProDA's weak and
 strong), each with the `box` and `flip` placing it in the example's frame (`geometry`); with
@@ -21,7 +23,18 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from jaxda.data import augment, class_uniform, importance, randaugment, sources, view_groups
+from jaxda.data import (
+    augment,
+    augment_options,
+    class_uniform,
+    crop_retry,
+    importance,
+    label_sampling,
+    randaugment,
+    rare_class,
+    sources,
+    view_groups,
+)
 from jaxda.data import eval_decoding as eval_decoding_lib
 from jaxda.data import labels as labels_lib
 
@@ -124,70 +137,6 @@ def resize_image(image: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
     return tf.ensure_shape(image, [height, width, 3])
 
 
-def _augment_options(domain_config: ml_collections.ConfigDict) -> dict | None:
-    """Validated keyword arguments of `augment.augment` for a training stream; None if all off.
-
-    With `random_scale` and no `crop_size` the scaled image is cropped (or padded) back to
-    `size`, so that every batch has a static shape.
-    """
-    c = domain_config
-    random_scale, crop_size, blur_sigma = map(tuple, (c.random_scale, c.crop_size, c.blur_sigma))
-    if not (random_scale or crop_size or c.flip or c.blur_prob or c.color_jitter):
-        return None
-    name = f"data stream {c.name}:{c.split}"
-    if random_scale and (len(random_scale) != 2 or not 0 < random_scale[0] <= random_scale[1]):
-        raise ValueError(f"{name}: random_scale must be () or (min, max) with 0 < min <= max")
-    if crop_size and (len(crop_size) != 2 or min(crop_size) < 1):
-        raise ValueError(f"{name}: crop_size must be () or (height, width) with both > 0")
-    if not 0 <= c.blur_prob <= 1 or len(blur_sigma) != 2 or not 0 <= blur_sigma[0] <= blur_sigma[1]:
-        raise ValueError(f"{name}: need 0 <= blur_prob <= 1 and blur_sigma = (min, max) >= 0")
-    if not 0 <= c.color_jitter < 1:
-        raise ValueError(f"{name}: color_jitter must be in [0, 1)")
-    if random_scale and not crop_size:
-        if not c.size:
-            raise ValueError(
-                f"{name}: random_scale={random_scale} needs crop_size or size to give the batches "
-                "a fixed shape; set crop_size=(height, width) or size=(height, width)"
-            )
-        crop_size = tuple(c.size)
-    return {
-        "random_scale": random_scale,
-        "crop_size": crop_size,
-        "flip_prob": 0.5 if c.flip else 0.0,
-        "blur_prob": float(c.blur_prob),
-        "blur_sigma": blur_sigma,
-        "color_jitter_strength": float(c.color_jitter),
-    }
-
-
-# Augmentation keys of a stream config that a view may override.
-AUGMENTATION_KEYS = ("random_scale", "crop_size", "flip", "blur_prob", "blur_sigma", "color_jitter")
-# Keys of a training example, which a view name would shadow.
-_RESERVED_VIEW_NAMES = ("image", "label", "box", "flip", "position", "index", "valid")
-
-
-def _view_options(domain_config: ml_collections.ConfigDict) -> dict[str, dict | None] | None:
-    """{view name: `_augment_options` of the stream with the view's overrides}, or None when
-    the stream has no `views` (a key read with a default: older configs lack it)."""
-    views = domain_config.get("views")
-    if not views:
-        return None
-    options = {}
-    for name, overrides in views.items():
-        unknown = sorted(set(overrides.keys()) - set(AUGMENTATION_KEYS))
-        if name in _RESERVED_VIEW_NAMES or unknown:
-            raise ValueError(
-                f"data stream {domain_config.name}:{domain_config.split}: view {name!r} must "
-                f"not be named one of {_RESERVED_VIEW_NAMES} and may only override "
-                f"{AUGMENTATION_KEYS}; unknown: {unknown}"
-            )
-        view_config = domain_config.copy_and_resolve_references()
-        for key, value in overrides.items():
-            view_config[key] = value
-        options[name] = _augment_options(view_config)
-    return options
-
-
 # The strong view's seed name (folded into the example seed), so adding or renaming views
 # never changes the strong draws.
 _STRONG_SEED_NAME = "randaugment/strong"
@@ -222,8 +171,8 @@ def _decode_fn(
     table = _label_table(domain_config.label_map)
     table = None if table is None else tf.constant(table)
     size = domain_config.size
-    views = _view_options(domain_config) if seed else None
-    options = _augment_options(domain_config) if seed and views is None else None
+    views = augment_options.views(domain_config) if seed else None
+    options = augment_options.stream(domain_config) if seed and views is None else None
     strong = _strong_options(domain_config, views) if seed else None
     group = view_groups.group_options(domain_config) if seed else None
     key = tf.constant(augment.stream_key(seed)) if seed else None
@@ -248,7 +197,7 @@ def _decode_fn(
         valid = None
         box, flip = tf.constant(augment.BASE_BOX), tf.constant(False)
         if options is not None:
-            image, label, valid, box, flip = augment.augment(
+            image, label, valid, box, flip = crop_retry.augment_view(
                 tf.cast(image, tf.float32),
                 label,
                 view_key,
@@ -293,7 +242,8 @@ def _decode_fn(
         label = tf.io.decode_png(example["label"], channels=1)
         base_size = tf.shape(label)[:2]
         example_key = None if key is None else augment.example_seed(key, example["position"])
-        opts, view_opts = class_uniform.with_centroid(example, options, views)  # RobustNet's crops.
+        # RobustNet's centroid, DAFormer's rare class: options of the example's crops.
+        opts, view_opts = label_sampling.with_fields(example, options, views)
         if views is None:
             # Random scaling resamples the original once, by a factor of `size`, instead of
             # resizing to `size` first and resampling twice.
@@ -354,7 +304,8 @@ def train_iterator(
     start: int,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless local batches {'image': [b, H, W, 3] float32, 'label': [b, H, W] uint8,
-    'index': [b] int64 (each example's index in the split), ...}.
+    'index': [b] int64 (each example's index in the split), ...}; a stream with `rare_class`
+    also reports each example's drawn class, 'rcs_class': [b] int64.
 
     Args:
       reader: the stream's examples (`open_reader`).
@@ -367,7 +318,8 @@ def train_iterator(
     local_batch, process_slice = _process_batch_slice(global_batch_size)
     name = f"data stream {domain_config.name}:{domain_config.split}"
     tables = importance.load_tables(domain_config.get("importance") or {}, len(reader), name)
-    plan = class_uniform.load_plan(reader, domain_config, data_config, seed, _label_table)
+    plan = rare_class.load_plan(reader, domain_config, data_config, seed, _label_table)
+    plan = plan or class_uniform.load_plan(reader, domain_config, data_config, seed, _label_table)
 
     def encoded_examples():
         samples = sample_indices(
@@ -379,20 +331,22 @@ def train_iterator(
         )
         if tables is not None:  # DA-SAC's importance sampling replaces the example index.
             samples = importance.importance_indices(samples, tables, seed)
-        yield from class_uniform.examples(reader, samples, plan)  # With a plan: its items.
+        yield from label_sampling.examples(reader, samples, plan)  # With a plan: its items.
 
     signature = {
         "image": tf.TensorSpec((), tf.string),
         "label": tf.TensorSpec((), tf.string),
         "position": tf.TensorSpec((), tf.int64),
         "index": tf.TensorSpec((), tf.int64),
-        **class_uniform.signature(plan),
+        **label_sampling.signature(plan),
     }
     decode = _decode_fn(domain_config, data_config, None, seed=tuple(seed))
 
     def decode_with_index(example):
-        # The split index lets methods join per-example offline results (pseudo labels).
-        return {**decode(example), "index": example["index"]}
+        # The split index lets methods join per-example offline results (pseudo labels); the
+        # rare class (DAFormer's RCS) is reported for logging.
+        extra = {k: example[k] for k in ("index", "rcs_class") if k in example}
+        return {**decode(example), **extra}
 
     dataset = tf.data.Dataset.from_generator(encoded_examples, output_signature=signature)
     dataset = dataset.map(

@@ -285,9 +285,10 @@ def make_group(image, label, valid, seed: tf.Tensor, options: dict, normalize) -
 
 def flatten_batch(batch: dict) -> dict:
     """A batch of groups {'group': {key: [b, T, ...]}, 'index': [b], ...} -> rows [b x T, ...]
-    (T consecutive rows per image; 'index' repeated per view), so that the views shard over
-    the devices like any batch."""
+    (T consecutive rows per image; 'index', and 'rcs_class' if any, repeated per view), so
+    that the views shard over the devices like any batch."""
     group = batch["group"]
     views = tf.shape(group["image"])[1]
     rows = {k: tf.reshape(v, tf.concat([[-1], tf.shape(v)[2:]], 0)) for k, v in group.items()}
-    return {**batch, "group": rows, "index": tf.repeat(batch["index"], views)}
+    per_image = {k: tf.repeat(batch[k], views) for k in ("index", "rcs_class") if k in batch}
+    return {**batch, "group": rows, **per_image}

@@ -11,7 +11,7 @@ import tensorflow as tf
 from PIL import Image
 from scipy import ndimage
 
-from jaxda.data import augment, class_uniform, input_pipeline, labels
+from jaxda.data import augment, class_uniform, input_pipeline, label_sampling, labels
 
 
 def _png(label: np.ndarray) -> bytes:
@@ -175,7 +175,7 @@ def _stream(reader, plan, seed, start, process_slice=slice(0, 4)):
         global_batch_size=4,
         process_slice=process_slice,
     )
-    for example in class_uniform.examples(reader, samples, plan):
+    for example in label_sampling.examples(reader, samples, plan):
         yield example["position"], example["index"], tuple(example["centroid"].tolist())
 
 
