@@ -63,6 +63,18 @@ METHODS = {
         ["--config=configs/dacs.py:synthetic"],
     ),
     "oracle": ("Oracle (target labels)", ["--config=configs/oracle.py:synthetic"]),
+    # DAFormer's network (a tiny MiT with its fusion head) and the methods built on it; paired
+    # with source only on the same network; not in the default row set.
+    "source_only_mit": (
+        "Source only, MiT",
+        ["--config=configs/source_only.py:synthetic,model=mit"],
+    ),
+    "dacs_mit": ("DACS, MiT", ["--config=configs/dacs.py:synthetic,model=mit"]),
+    "daformer_mit": (
+        "DAFormer (DACS + rare-class sampling + feature distance), MiT",
+        ["--config=configs/daformer.py:synthetic"],
+    ),
+    "mic_mit": ("MIC(DAFormer), MiT", ["--config=configs/mic.py:synthetic"]),
     # The same methods on a small DeepLabV3+ (torchvision ResNet, RobustNet head); not in the
     # default row set.
     "source_only_v3plus": (
@@ -108,7 +120,7 @@ STAGED = {
 for _name, (_pipeline, _title, _stage, _) in STAGED.items():
     METHODS[_name] = (_title, [PIPELINES[_pipeline]])
 DEFAULT_METHODS = ",".join(
-    m for m in METHODS if not m.endswith("_v3plus") and not m.startswith("robustnet")
+    m for m in METHODS if not m.endswith(("_v3plus", "_mit")) and not m.startswith("robustnet")
 )
 
 
@@ -163,7 +175,8 @@ def main() -> None:
         std = mious.std(ddof=1) if len(mious) > 1 else 0.0
         per_seed = ", ".join(f"{m:.2f}" for m in mious)
         # Paired with source only of the same network and seed (RobustNet: its baseline).
-        reference = "source_only" + ("_v3plus" if method.endswith("_v3plus") else "")
+        suffix = next((s for s in ("_v3plus", "_mit") if method.endswith(s)), "")
+        reference = "source_only" + suffix
         if method.startswith("robustnet"):
             reference = "robustnet_base"
         baseline = per_method.get(reference)

@@ -73,6 +73,19 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     return result
 
 
+def format_arg(args: ml_collections.ConfigDict, names) -> str:
+    """The `parse_arg` string of `names` of `args` (flags that are True as bare names), to build
+    a config on another method's `get_config`."""
+    parts = []
+    for name in names:
+        value = args[name]
+        if isinstance(value, bool):
+            parts += [name] if value else []
+        else:
+            parts.append(f"{name}={value}")
+    return ",".join(parts)
+
+
 def domain(
     name: str, split: str, size=None, label_map: str = "", subset: str = ""
 ) -> ml_collections.ConfigDict:

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from configs import dacs as dacs_config
+from configs import daformer as daformer_config
+from configs import mic as mic_config
 from jaxda import checkpoints
 from jaxda import mesh as mesh_lib
 from jaxda.data import input_pipeline, masking, mixing
@@ -372,6 +374,28 @@ def test_configs_build():
         dacs_config.get_config("model=deeplabv3plus")
 
 
+def test_daformer_and_mic_configs():
+    """DAFormer's final values over DACS's, MIC's on top; the frozen copy is a third network."""
+    config = daformer_config.get_config()
+    setup = trainer.build(config, mesh_lib.make_mesh(1))
+    assert set(setup.networks) == {"seg", "teacher", "imnet"}
+    assert config.model.name == "segformer" and config.model.variant == "b5"
+    assert (config.dacs.alpha, config.dacs.feature_distance.weight) == (0.999, 0.005)
+    assert (config.dacs.pseudo_ignore_top, config.dacs.pseudo_ignore_bottom) == (15, 120)
+    assert config.data.source.rare_class.to_dict() == {
+        "temperature": 0.01, "min_pixels": 3000, "min_crop_ratio": 0.5,
+    }  # fmt: skip
+    assert config.data.source.crop_cat_max_ratio == 0.75
+    assert config.optimizer.no_weight_decay == (r"backbone/.*norm.*",)
+    assert config.dacs.mic.weight == 0.0
+    mic = mic_config.get_config()
+    assert (mic.dacs.mic.weight, mic.dacs.mic.block_size, mic.dacs.mic.ratio) == (1.0, 32, 0.7)
+    assert mic_config.get_config("synthetic").dacs.mic.block_size == 4
+    assert daformer_config.get_config("source=synthia").data.source.size == (760, 1280)
+    with pytest.raises(ValueError, match="base='hrda'"):
+        mic_config.get_config("base=hrda")
+
+
 class _Crash(Exception):
     pass
 
@@ -388,11 +412,16 @@ def _restored(config, workdir):
     return jax.device_get(setup.from_checkpoint_items(items))
 
 
-@pytest.mark.slow  # ~1 min: three short runs with evaluations; the default run tests the step.
-def test_runs_and_resumes_exactly(data_dir, tmp_path, monkeypatch):
+@pytest.mark.slow  # ~1 min each: three short runs with evaluations; the default run tests the
+# steps (DACS, MIC, and the feature distance's wiring) and test_rare_class the sampling.
+@pytest.mark.parametrize("name", ["dacs", "daformer", "mic"])
+def test_runs_and_resumes_exactly(data_dir, tmp_path, monkeypatch, name):
     """The synthetic config end to end on the tiny dataset; a run crashed after its step-2
-    checkpoint and rerun ends with the same results, student and teacher, bit for bit."""
-    config = _config(data_dir)
+    checkpoint and rerun ends with the same results, student and teacher (and DAFormer's
+    frozen copy), bit for bit."""
+    module = {"dacs": dacs_config, "daformer": daformer_config, "mic": mic_config}[name]
+    config = shrink_to_tiny(module.get_config("synthetic"), data_dir)
+    config.batch_size = 4
     config.dacs.pseudo_threshold = 0.968
     config.total_steps = 4
     straight_dir, crashed_dir = str(tmp_path / "straight"), str(tmp_path / "crashed")
