@@ -62,7 +62,11 @@ Layouts (`LAYOUTS`, auto-detected from the keys by `detect_layout`, or named wit
   daformer        DAFormer training checkpoints (model.backbone.*, model.decode_head.
                   embed_layers / fuse_layer / conv_seg; ema_model.* and imnet_model.* ignored):
                   config.model.decoder='daformer'.
-                  The three MiT layouts are mapped by `jaxda.interop.mit_layout`.
+  hrda            HRDA / MIC(HRDA) training checkpoints (model.decode_head.head.* and
+                  model.decode_head.scale_attention.*; ema_model.*, imnet_model.*,
+                  mic.teacher.ema_model.* ignored): config.model.name='hrda'.
+                  The four MiT layouts are mapped by `jaxda.interop.mit_layout`, which also
+                  refuses an HRDA file for a SegFormer config and back, naming the keys.
   disc_adaptseg   AdaptSegNet's FCDiscriminator: `conv1..conv4`, `classifier`.
   disc_advent     ADVENT's nn.Sequential discriminator: `0, 2, 4, 6, 8`.
 
@@ -128,6 +132,7 @@ _MODEL_TITLES = {
     "deeplabv3plus": "DeepLabV3+",
     "proda_deeplab_v2": "ProDA DeepLabV2",
     "segformer": "SegFormer / DAFormer (MiT)",
+    "hrda": "HRDA (MiT)",
 }
 PRODA_MODEL = "proda_deeplab_v2"
 # ProDA's `.pkl` entries that are not the segmentation network's weights.
@@ -234,20 +239,31 @@ LAYOUTS = {
             model="deeplabv3plus",
             variant="jfzhang95",
         ),
+        # The MiT family's model pairings (HRDA vs SegFormer) are `mit_layout.check_model`'s,
+        # whose messages name the keys (and allow --skip_head).
         Layout(
             "mit",
             "SegFormer MiT ImageNet encoder (mit_b*.pth; head.* classifier skipped)",
             model="segformer",
+            also_fits=("hrda",),
         ),
         Layout(
             "segformer",
             "NVlabs SegFormer (backbone.*, decode_head.linear_c*/linear_fuse/linear_pred)",
             model="segformer",
+            also_fits=("hrda",),
         ),
         Layout(
             "daformer",
             "DAFormer training checkpoint (model.*; ema_model.*, imnet_model.* ignored)",
             model="segformer",
+            also_fits=("hrda",),
+        ),
+        Layout(
+            "hrda",
+            "HRDA / MIC(HRDA) training checkpoint (model.decode_head.{head,scale_attention})",
+            model="hrda",
+            also_fits=("segformer",),
         ),
         Layout(
             "disc_adaptseg",
@@ -330,6 +346,8 @@ def detect_layout(keys, container: str = "bare") -> str:
     multi = "maxsquare" if module_prefixed or container == "state_dict" else "deeplab_multi"
     rules = (  # First match wins.
         (any_starts("patch_embed1."), "mit"),
+        # Before segformer / daformer: HRDA's keys start as theirs.
+        (any("decode_head.scale_attention." in n for n in names), "hrda"),
         (any_starts("backbone.patch_embed1."), "segformer"),
         (any_starts("model.backbone.patch_embed1."), "daformer"),
         (any_starts("Scale."), "deeplab_init"),
@@ -380,10 +398,10 @@ def check_model(layout: str, model_name: str, variant: str | None = None) -> Non
                 "--config.model.name=proda_deeplab_v2 --config.model.head_width=256 and "
                 "--config.model.bn_clr for stage 2/3 files) or 'deeplab_v2' (the backbone only)"
             )
-        elif spec.model == "segformer":
+        elif spec.model in ("segformer", "hrda"):
             how = (
-                "convert with a MiT config (config.model.name='segformer', "
-                "`configs.common.use_mit`)"
+                "convert with a MiT config (`configs.common.use_mit`; config.model.name="
+                f"'{spec.model}')"
             )
         elif spec.model == "deeplabv3plus":
             how = (
