@@ -29,7 +29,7 @@ starts it as a copy of the converted student. SimCLRv2 inits (ProDA's `r101_1x_s
 layout `simclr`, or `torchvision` when detected) load the backbone only.
 
 RobustNet files (layout `robustnet`) load with their normalisation family, which the config
-must name (config.model.instance_norm / instance_norm_at; `layouts.check_instance_norm` refuses
+must name (config.model.instance_norm / instance_norm_at; `norm_check.check_instance_norm` refuses
 a file that differs, naming its keys): IBN ('affine') files' `layer0.1.{weight,bias}` (deep
 stem: `layer0.7`) and `layerK.<last>.instance_norm_layer.{weight,bias}` load into the
 InstanceNorms' scale and bias; IW / IRW / ISW ('plain') files have no key there (no stem BN
