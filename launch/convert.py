@@ -6,10 +6,17 @@
 
 A ProDA `.pkl` with a ProDA network config (--config.model.name=proda_deeplab_v2, and
 --config.model.bn_clr for stage 2 / 3 files) loads whole and writes its prototypes to
-OUT/prototypes.npy; --layout=simclr reads ProDA's SimCLR init (backbone only). A RobustNet
-IBN / ISW file needs its normalisation in the config (e.g. --config=configs/robustnet.py:norm=ibn,
-or --config.model.instance_norm=affine|plain --config.model.instance_norm_at="('stem',
-'layer1', 'layer2')"); a mismatch is refused with the keys that show it.
+OUT/prototypes.npy; --layout=simclr reads ProDA's SimCLR init (backbone only). An HRDA /
+MIC(HRDA) training checkpoint (`work_dirs/<run>/iter_40000.pth`) needs an 'hrda' config:
+
+  python -m launch.convert --from=iter_40000.pth --config=configs/dacs.py:model=mit \
+      --config.model.name=hrda --out=/tmp/hrda_released
+
+(HRDA's defaults are the official recipe's: attention_embed_dim 256, class-wise attention;
+the file's encoder must be the config's variant, MiT-B5 here). A RobustNet IBN / ISW file needs
+its normalisation in the config (e.g. --config=configs/robustnet.py:norm=ibn, or
+--config.model.instance_norm=affine|plain --config.model.instance_norm_at="('stem', 'layer1',
+'layer2')"); a mismatch is refused with the keys that show it.
 
 Needs PyTorch (pip install -e '.[torch]'). The layout is detected from the file's keys
 (--layout overrides it); the printed report lists what was loaded, what the file lacks (kept at

@@ -29,7 +29,7 @@ starts it as a copy of the converted student. SimCLRv2 inits (ProDA's `r101_1x_s
 layout `simclr`, or `torchvision` when detected) load the backbone only.
 
 RobustNet files (layout `robustnet`) load with their normalisation family, which the config
-must name (config.model.instance_norm / instance_norm_at; `layouts.check_instance_norm` refuses
+must name (config.model.instance_norm / instance_norm_at; `norm_check.check_instance_norm` refuses
 a file that differs, naming its keys): IBN ('affine') files' `layer0.1.{weight,bias}` (deep
 stem: `layer0.7`) and `layerK.<last>.instance_norm_layer.{weight,bias}` load into the
 InstanceNorms' scale and bias; IW / IRW / ISW ('plain') files have no key there (no stem BN
@@ -39,10 +39,13 @@ pass afresh (config.whitening); such tensors, if a file has them, are skipped wi
 Into an IN config, an ImageNet ResNet's stem `bn1` weight and bias load into an affine stem
 InstanceNorm (as RobustNet's `forgiving_state_restore` does); the rest of that BN is skipped.
 
-MiT files (layouts `mit`, `segformer`, `daformer`; `jaxda.interop.mit_layout`) load into a
-'segformer' config (`configs.common.use_mit`) of the same variant: an ImageNet `mit_b5.pth`
-fills the encoder (its 1000-class `head.*` is skipped, the decoder keeps the config's
-initialisation); NVlabs SegFormer and DAFormer checkpoints fill the decoder too.
+MiT files (layouts `mit`, `segformer`, `daformer`, `hrda`; `jaxda.interop.mit_layout`) load
+into a 'segformer' config (`configs.common.use_mit`) of the same variant: an ImageNet
+`mit_b5.pth` fills the encoder (its 1000-class `head.*` is skipped, the decoder keeps the
+config's initialisation); NVlabs SegFormer and DAFormer checkpoints fill the decoder too.
+HRDA / MIC(HRDA) training checkpoints (`work_dirs/<run>/iter_40000.pth`) load into an 'hrda'
+config (config.model.name='hrda', jaxda.models.hrda): the student's encoder, DAFormer head and
+scale attention; an ImageNet `mit_b5.pth` loads into it as into 'segformer'.
 
 A discriminator checkpoint (AdaptSegNet or ADVENT layout) becomes `OUT/discriminator/` with the
 orbax items `params` (FCDiscriminator params, as `FCDiscriminator.apply({'params': ...})` takes
@@ -175,7 +178,7 @@ def convert_segmenter(
     """
     state_dict, container, others = _numpy_state_dict(obj)
     layout = layout or layouts.detect_layout(list(state_dict), container)
-    if layout in mit_layout.MIT_LAYOUTS or config.model.name == mit_layout.MODEL:
+    if layout in mit_layout.MIT_LAYOUTS or config.model.name in mit_layout.MODELS:
         return _convert_mit(state_dict, config, layout, container, others, skip_head)
     if layout in layouts.LAYOUTS:  # Before the (slow) init: a DeepLabV2 file for V3+ or back.
         layouts.check_model(layout, config.model.name, config.model.get("variant"))
@@ -197,13 +200,13 @@ def convert_segmenter(
 
 
 def _convert_mit(state_dict, config, layout, container, others, skip_head):
-    """`convert_segmenter` for MiT / SegFormer / DAFormer files (`mit_layout`). The file is
-    mapped onto the model's shapes first, so that a mismatch is refused before the (slow) init.
-    """
+    """`convert_segmenter` for MiT / SegFormer / DAFormer / HRDA files (`mit_layout`). The file
+    is mapped onto the model's shapes first, so that a mismatch is refused before the (slow)
+    init."""
     layouts.check_model(layout, config.model.name)
     if layout not in mit_layout.MIT_LAYOUTS:
         raise ConversionError(
-            f"The config's model is SegFormer / DAFormer (config.model.name="
+            f"The config's model is SegFormer / DAFormer / HRDA (config.model.name="
             f"{config.model.name!r}), which loads only the MiT layouts "
             f"{list(mit_layout.MIT_LAYOUTS)}; the file's layout is {layout!r}."
         )
@@ -217,6 +220,9 @@ def _convert_mit(state_dict, config, layout, container, others, skip_head):
         container_entries=others,
         skip_head=skip_head,
     )
+    if not report.missing:  # The file fills every variable: no init to compile (seconds on
+        # CPU for a tiny model, about a minute for MiT-B5).
+        return traverse_util.unflatten_dict(loaded), report
     return _merge(init_segmenter(config), loaded), report
 
 

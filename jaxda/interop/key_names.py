@@ -17,7 +17,7 @@ RobustNet's normalisation keys (config.model.instance_norm / instance_norm_at):
 (all under params/backbone). An IBN stem norm has no running statistics; a 'plain' one (IW /
 IRW / ISW) has no key at all, nor has a 'plain' `instance_norm_layer`. `file_stem_norms`,
 `file_blocks` and `model_stem_norms` tell which a file and a model have, for
-`jaxda.interop.layouts.check_instance_norm`.
+`jaxda.interop.norm_check.check_instance_norm`.
 """
 
 import re

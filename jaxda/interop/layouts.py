@@ -41,7 +41,7 @@ Layouts (`LAYOUTS`, auto-detected from the keys by `detect_layout`, or named wit
                   `layer0.{0,1}` (conv1, bn1; the ResNet3X3 stem adds `layer0.{3,4,6,7}` =
                   conv2, bn2, conv3, bn3), `layer1..4`, `aspp.{img_conv,features}`, `bot_aspp`,
                   `bot_fine`, `final1`, `final2`, `dsn` (the aux head). Its normalisation
-                  family (`check_instance_norm`; config.model.instance_norm / instance_norm_at):
+                  family (`norm_check`; config.model.instance_norm / instance_norm_at):
                   IBN (--wt_layer code 4, 'affine') stores `layer0.1.{weight,bias}` (deep stem:
                   `layer0.7`) without running statistics -> `instance_norm1` (`instance_norm3`)
                   {scale, bias}, and `layerK.<last>.instance_norm_layer.{weight,bias}` ->
@@ -62,7 +62,11 @@ Layouts (`LAYOUTS`, auto-detected from the keys by `detect_layout`, or named wit
   daformer        DAFormer training checkpoints (model.backbone.*, model.decode_head.
                   embed_layers / fuse_layer / conv_seg; ema_model.* and imnet_model.* ignored):
                   config.model.decoder='daformer'.
-                  The three MiT layouts are mapped by `jaxda.interop.mit_layout`.
+  hrda            HRDA / MIC(HRDA) training checkpoints (model.decode_head.head.* and
+                  model.decode_head.scale_attention.*; ema_model.*, imnet_model.*,
+                  mic.teacher.ema_model.* ignored): config.model.name='hrda'.
+                  The four MiT layouts are mapped by `jaxda.interop.mit_layout`, which also
+                  refuses an HRDA file for a SegFormer config and back, naming the keys.
   disc_adaptseg   AdaptSegNet's FCDiscriminator: `conv1..conv4`, `classifier`.
   disc_advent     ADVENT's nn.Sequential discriminator: `0, 2, 4, 6, 8`.
 
@@ -73,10 +77,7 @@ transposed from PyTorch's OIHW to Flax's HWIO.
 """
 
 import dataclasses
-import re
 from collections.abc import Mapping
-
-from jaxda.interop import key_names
 
 
 class ConversionError(ValueError):
@@ -128,6 +129,7 @@ _MODEL_TITLES = {
     "deeplabv3plus": "DeepLabV3+",
     "proda_deeplab_v2": "ProDA DeepLabV2",
     "segformer": "SegFormer / DAFormer (MiT)",
+    "hrda": "HRDA (MiT)",
 }
 PRODA_MODEL = "proda_deeplab_v2"
 # ProDA's `.pkl` entries that are not the segmentation network's weights.
@@ -234,20 +236,31 @@ LAYOUTS = {
             model="deeplabv3plus",
             variant="jfzhang95",
         ),
+        # The MiT family's model pairings (HRDA vs SegFormer) are `mit_layout.check_model`'s,
+        # whose messages name the keys (and allow --skip_head).
         Layout(
             "mit",
             "SegFormer MiT ImageNet encoder (mit_b*.pth; head.* classifier skipped)",
             model="segformer",
+            also_fits=("hrda",),
         ),
         Layout(
             "segformer",
             "NVlabs SegFormer (backbone.*, decode_head.linear_c*/linear_fuse/linear_pred)",
             model="segformer",
+            also_fits=("hrda",),
         ),
         Layout(
             "daformer",
             "DAFormer training checkpoint (model.*; ema_model.*, imnet_model.* ignored)",
             model="segformer",
+            also_fits=("hrda",),
+        ),
+        Layout(
+            "hrda",
+            "HRDA / MIC(HRDA) training checkpoint (model.decode_head.{head,scale_attention})",
+            model="hrda",
+            also_fits=("segformer",),
         ),
         Layout(
             "disc_adaptseg",
@@ -330,6 +343,8 @@ def detect_layout(keys, container: str = "bare") -> str:
     multi = "maxsquare" if module_prefixed or container == "state_dict" else "deeplab_multi"
     rules = (  # First match wins.
         (any_starts("patch_embed1."), "mit"),
+        # Before segformer / daformer: HRDA's keys start as theirs.
+        (any("decode_head.scale_attention." in n for n in names), "hrda"),
         (any_starts("backbone.patch_embed1."), "segformer"),
         (any_starts("model.backbone.patch_embed1."), "daformer"),
         (any_starts("Scale."), "deeplab_init"),
@@ -380,10 +395,10 @@ def check_model(layout: str, model_name: str, variant: str | None = None) -> Non
                 "--config.model.name=proda_deeplab_v2 --config.model.head_width=256 and "
                 "--config.model.bn_clr for stage 2/3 files) or 'deeplab_v2' (the backbone only)"
             )
-        elif spec.model == "segformer":
+        elif spec.model in ("segformer", "hrda"):
             how = (
-                "convert with a MiT config (config.model.name='segformer', "
-                "`configs.common.use_mit`)"
+                "convert with a MiT config (`configs.common.use_mit`; config.model.name="
+                f"'{spec.model}')"
             )
         elif spec.model == "deeplabv3plus":
             how = (
@@ -427,99 +442,3 @@ def check_bn_clr(names, bn_clr: bool) -> None:
             "trained without --bn_clr, e.g. the warm-up or stage 1 model): pass "
             "--config.model.bn_clr=False."
         )
-
-
-_NORMS = {
-    "bn": "a BatchNorm",
-    "affine": "an affine InstanceNorm (IBN-Net, RobustNet's --wt_layer code 4)",
-    "plain": "a parameter-free InstanceNorm (IW / IRW / ISW, --wt_layer codes 1-3)",
-}
-
-
-def check_instance_norm(names, paths) -> None:
-    """Raises ConversionError when a RobustNet file's normalisation family differs from the
-    model's: `names` the file's keys, `paths` the model's variable paths (dict or set).
-
-    Compared: each stem norm whose conv the file has (BatchNorm / affine / parameter-free
-    InstanceNorm, told apart by `layer0.<i>`'s keys), and the IBN keys of each layer that the
-    file and the model both have with the same number of blocks (other depths are the depth
-    check's error). A 'plain' InstanceNorm after a block leaves no key: it cannot be checked.
-    """
-    names = [strip_module(n) for n in names]
-    switchable = sorted(n for n in names if re.search(r"\.(sw_mean_weight|running_cov)$", n))
-    if switchable:
-        raise ConversionError(
-            "The file uses RobustNet's switchable whitening (--wt_layer code 5, "
-            f"SyncSwitchWhiten2d: {switchable[:3]}), which jaxda's DeepLabV3+ does not model."
-        )
-    problems = []
-    file_stem, model_stem = key_names.file_stem_norms(names), key_names.model_stem_norms(paths)
-    if file_stem and ("bn2" in file_stem) != ("bn2" in model_stem):
-        return  # Another stem: the depth check says which --config.model.deep_stem to pass.
-    for bn, (kind, keys) in sorted(file_stem.items()):
-        if kind != model_stem[bn]:
-            index = key_names.STEM_NORMS[bn]
-            problems.append(
-                f"layer0.{index} (the stem's {bn}): the file has {_NORMS[kind]} "
-                f"[{', '.join(keys) or f'no layer0.{index}.* key'}], the config's model "
-                f"{_NORMS[model_stem[bn]]}"
-            )
-    counts, file_ibn = key_names.file_blocks(names)
-    model_counts, model_ibn = key_names.blocks(paths), key_names.model_instance_norm_blocks(paths)
-    for layer in (k for k in range(1, 5) if k in counts and counts[k] == model_counts.get(k)):
-        found, wanted = file_ibn.get(layer, []), model_ibn.get(layer)
-        if found and found != [wanted]:
-            keys = ", ".join(f"layer{layer}.{b}.instance_norm_layer.*" for b in found)
-            where = "none" if wanted is None else f"one in block {wanted}, the last"
-            problems.append(f"{keys}: the file has {_NORMS['affine']}, the config's model {where}")
-        elif wanted is not None and not found:
-            problems.append(
-                f"params/backbone/layer{layer}_{wanted}/instance_norm: the config's model has "
-                f"{_NORMS['affine']} after layer{layer}'s last block, the file no "
-                f"layer{layer}.{wanted}.instance_norm_layer.{{weight,bias}}"
-            )
-    if problems:
-        lines = "\n".join(f"  {p}" for p in problems)
-        raise ConversionError(
-            "The checkpoint's normalisation does not match the config's model "
-            f"(config.model.instance_norm / instance_norm_at):\n{lines}\n"
-            + _instance_norm_hint(file_stem, "bn3" if "bn3" in model_stem else "bn1", file_ibn)
-        )
-
-
-def _instance_norm_hint(file_stem: dict, last: str, ibn: dict) -> str:
-    """What to pass for a file with these stem norms (`key_names.file_stem_norms`; `last` the
-    one jaxda's 'stem' slot replaces) and IBN keys in `ibn`."""
-    first = [f"layer0.{key_names.STEM_NORMS[bn]}" for bn, (kind, _) in sorted(file_stem.items())
-             if bn != last and kind != "bn"]  # fmt: skip
-    if first:
-        return (
-            f"No config fits: the file instance-normalises the deep stem's {' and '.join(first)} "
-            "(RobustNet's codes at --wt_layer positions 0 / 1, e.g. its R101 GTAV scripts' "
-            "2 2 0 2 2 0 0 / 4 4 0 4 4 0 0), jaxda's 'stem' slot only its last norm (layer0.7)."
-        )
-    stem = file_stem.get(last, ("bn",))[0]
-    kinds = ({stem} - {"bn"}) | ({"affine"} if ibn else set())
-    slots = (("stem",) if stem != "bn" else ()) + tuple(f"layer{k}" for k in sorted(ibn))
-    if kinds == {"affine"}:
-        return (
-            "The file reads as IBN: pass --config.model.instance_norm=affine "
-            f'--config.model.instance_norm_at="{slots}".'
-        )
-    if kinds == {"plain"}:
-        return (
-            "The file's stem reads as IW / IRW / ISW: pass --config.model.instance_norm=plain. "
-            "A parameter-free InstanceNorm leaves no key, so the file cannot tell which layers "
-            "have one: RobustNet's scripts use --config.model.instance_norm_at="
-            "\"('stem', 'layer1', 'layer2')\" (the default)."
-        )
-    if not kinds:
-        return (
-            "The file reads as RobustNet's baseline (no instance normalisation): pass "
-            "--config.model.instance_norm='' (or 'plain' with instance_norm_at naming layers "
-            "only: a parameter-free InstanceNorm leaves no key)."
-        )
-    return (
-        "The file mixes IBN and parameter-free InstanceNorms, which one "
-        "config.model.instance_norm cannot model."
-    )

@@ -1,5 +1,6 @@
-"""MiT / SegFormer / DAFormer PyTorch state dicts -> the variables of
-`jaxda.models.segformer.SegFormer` (NumPy only; `jaxda.interop.convert` reads the files).
+"""MiT / SegFormer / DAFormer / HRDA PyTorch state dicts -> the variables of
+`jaxda.models.segformer.SegFormer` and its subclass `jaxda.models.hrda.HRDA` (NumPy only;
+`jaxda.interop.convert` reads the files).
 
 A mapping of its own rather than rules in `torch_layouts`: those are built around ResNet
 blocks and DeepLab's ASPP heads, while MiT's keys translate one to one by name. Layouts (their
@@ -17,7 +18,16 @@ blocks and DeepLab's ASPP heads, while MiT's keys translate one to one by name. 
   daformer   DAFormer training checkpoints (the whole UDA wrapper): the student `model.`
              (backbone.*, decode_head.embed_layers / fuse_layer / conv_seg; decoder
              'daformer') is loaded; the EMA teacher `ema_model.*` and the frozen ImageNet copy
-             `imnet_model.*` are ignored. HRDA / MIC(HRDA) files are refused.
+             `imnet_model.*` (and MIC's `mic.teacher.ema_model.*`) are ignored. HRDA files
+             (decode_head.scale_attention.*) are refused with a pointer to `hrda`.
+  hrda       HRDA / MIC(HRDA) training checkpoints, into model 'hrda': the student `model.`
+             (backbone.*, decode_head.head.* = DAFormer's head, decode_head.scale_attention.*
+             = DAFormer's head with a 1x1 ConvModule `fuse_layer` -> params/head/... and
+             params/scale_attention/...; HRDAHead's own conv_seg is deleted by the official
+             code, so there is none) is loaded; `ema_model.*`, `imnet_model.*` and MIC's
+             second teacher `mic.teacher.ema_model.*` (mask_alpha != 'same') are ignored. A
+             bare student state dict (backbone.*, decode_head.*: the official test script
+             strips 'model.') loads too.
 
 Encoder keys -> params/backbone/...: patch_embed{i}.proj -> patch_embed{i}/proj,
 block{i}.{j}.attn.q -> block{i}_{j}/attn/q, block{i}.{j}.mlp.dwconv.dwconv -> .../mlp/dwconv,
@@ -38,16 +48,22 @@ from jaxda.interop.key_names import path_str
 from jaxda.interop.layouts import ConversionError, strip_module
 from jaxda.interop.torch_layouts import ConversionReport, to_jax_layout, torch_shape
 
-MIT_LAYOUTS = ("mit", "segformer", "daformer")
+MIT_LAYOUTS = ("mit", "segformer", "daformer", "hrda")
 MODEL = "segformer"  # config.model.name of `jaxda.models.segformer.SegFormer`.
-# layout -> the config.model.decoder whose parameters the file's head fills ('' = no head).
-DECODERS = {"mit": "", "segformer": "mlp", "daformer": "daformer"}
-# layout -> (encoder key prefix, decoder key prefix).
+HRDA_MODEL = "hrda"  # config.model.name of `jaxda.models.hrda.HRDA`.
+MODELS = (MODEL, HRDA_MODEL)
+# layout -> the config.model.decoder whose parameters the file's head fills ('' = no head);
+# HRDA's `head` and `scale_attention` are both DAFormer heads.
+DECODERS = {"mit": "", "segformer": "mlp", "daformer": "daformer", "hrda": "daformer"}
+# layout -> (encoder key prefix, decoder key prefix); `prefixes` resolves HRDA's.
 PREFIXES = {
     "mit": ("", None),
     "segformer": ("backbone.", "decode_head."),
     "daformer": ("model.backbone.", "model.decode_head."),
+    "hrda": ("model.backbone.", "model.decode_head."),
 }
+# The marker of HRDA's head: HRDAHead holds the scale attention beside the DAFormer head.
+HRDA_MARKER = "decode_head.scale_attention."
 # layout -> [(regex, reason)] of keys that are recognised and not loaded.
 SKIP = {
     "mit": [
@@ -59,15 +75,14 @@ SKIP = {
          "SegFormer's head (its classifier is linear_pred)"),
     ],
     "daformer": [],
+    "hrda": [],
 }  # fmt: skip
-IGNORE = {
-    "mit": [],
-    "segformer": [],
-    "daformer": [
-        (r"ema_model\..*", "DAFormer's EMA teacher (the student `model.` is converted)"),
-        (r"imnet_model\..*", "DAFormer's frozen ImageNet encoder copy (feature distance)"),
-    ],
-}
+_UDA_WRAPPER = [  # DAFormer's DACS and its descendants (HRDA, MIC) save the whole UDA module.
+    (r"ema_model\..*", "the EMA teacher (the student `model.` is converted)"),
+    (r"imnet_model\..*", "the frozen ImageNet model (its encoder: the feature distance)"),
+    (r"mic\.teacher\.ema_model\..*", "MIC's own EMA teacher (mask_alpha != 'same')"),
+]
+IGNORE = {"mit": [], "segformer": [], "daformer": _UDA_WRAPPER, "hrda": _UDA_WRAPPER}
 _NUM_BATCHES_TRACKED = "BatchNorm step counter (unused by jaxda)"
 _BN_FIELDS = {
     "weight": ("params", "scale"),
@@ -105,29 +120,47 @@ def _leaf(module: str, field: str) -> str:
     return "scale" if module.startswith("norm") else "kernel"
 
 
-def _bn(modules: tuple, field: str) -> tuple:
-    collection, leaf = _BN_FIELDS[field]
-    return (collection, "head", *modules, "bn", leaf)
-
-
-def _conv_or_bn(modules: tuple, kind: str, field: str) -> tuple | None:
-    """A ConvModule's conv (weight only) or bn tensor."""
+def _conv_or_bn(modules: tuple, kind: str, field: str, root: str = "head") -> tuple | None:
+    """A ConvModule's conv (weight only) or bn tensor, under the head module `root`."""
     if kind == "bn":
-        return _bn(modules, field)
-    return ("params", "head", *modules, "conv", "kernel") if field == "weight" else None
+        collection, leaf = _BN_FIELDS[field]
+        return (collection, root, *modules, "bn", leaf)
+    return ("params", root, *modules, "conv", "kernel") if field == "weight" else None
 
 
-def decoder_path(name: str, decoder: str) -> tuple | None:
-    """Variable path of a decode-head tensor name (without 'decode_head.') of `decoder`
-    ('daformer' or 'mlp'), or None."""
-    return _daformer_path(name) if decoder == "daformer" else _segformer_path(name)
+def decoder_path(name: str, layout: str) -> tuple | None:
+    """Variable path of a decode-head tensor name (without 'decode_head.') of a file of
+    `layout` ('segformer', 'daformer' or 'hrda'), or None."""
+    if layout == "segformer":
+        return _segformer_path(name)
+    if layout == "daformer":
+        return _daformer_path(name)
+    if name.startswith("head."):
+        return _daformer_path(name.removeprefix("head."))
+    if name.startswith("scale_attention."):
+        return _conv_fusion_path(name.removeprefix("scale_attention."), "scale_attention")
+    return None
+
+
+def _embed_or_classifier(name: str, root: str) -> tuple | None:
+    if m := re.fullmatch(rf"embed_layers\.(\d)\.proj\.{_PARAM}", name):
+        return ("params", root, f"embed_layers_{m[1]}", _leaf("proj", m[2]))
+    if m := re.fullmatch(rf"conv_seg\.{_PARAM}", name):
+        return ("params", root, "conv_seg", _leaf("conv", m[1]))
+    return None
+
+
+def _conv_fusion_path(name: str, root: str) -> tuple | None:
+    """`segformer_heads.ConvFusionHead` (HRDA's scale attention): DAFormer's head whose
+    fuse_layer is a single 1x1 ConvModule."""
+    if m := re.fullmatch(rf"fuse_layer\.(conv|bn)\.{_BN}", name):
+        return _conv_or_bn(("fuse_layer",), m[1], m[2], root)
+    return _embed_or_classifier(name, root)
 
 
 def _daformer_path(name: str) -> tuple | None:
-    if m := re.fullmatch(rf"embed_layers\.(\d)\.proj\.{_PARAM}", name):
-        return ("params", "head", f"embed_layers_{m[1]}", _leaf("proj", m[2]))
-    if m := re.fullmatch(rf"conv_seg\.{_PARAM}", name):
-        return ("params", "head", "conv_seg", _leaf("conv", m[1]))
+    if path := _embed_or_classifier(name, "head"):
+        return path
     if m := re.fullmatch(rf"fuse_layer\.bottleneck\.(conv|bn)\.{_BN}", name):
         return _conv_or_bn(("fuse_layer", "bottleneck"), m[1], m[2])
     m = re.fullmatch(
@@ -193,11 +226,12 @@ def map_state_dict(
     container_entries=(),
     skip_head: bool = False,
 ) -> tuple[dict, ConversionReport]:
-    """Maps a flat PyTorch state dict of a MiT layout onto SegFormer variables.
+    """Maps a flat PyTorch state dict of a MiT layout onto SegFormer (or HRDA) variables.
 
     Args:
       state_dict: name -> array (PyTorch layouts); a leading 'module.' is stripped.
-      target: the model's variables or their shapes ({'params', 'batch_stats'}).
+      target: the model's variables or their shapes ({'params', 'batch_stats'}); HRDA's
+        have 'scale_attention' beside 'head'.
       layout: one of `MIT_LAYOUTS`.
       decoder: the model's config.model.decoder ('daformer' or 'mlp').
       container / container_entries: from `layouts.unwrap`, for the report.
@@ -209,29 +243,26 @@ def map_state_dict(
       skipped or ignored with the reason, or listed as unexpected.
 
     Raises:
-      ConversionError: another decoder than the file's (without skip_head), an HRDA file, an
-        encoder of another shape (naming its variant, the keys and both shapes), a head of
-        another shape (another class count: pass --skip_head or set --config.num_classes).
+      ConversionError: another decoder than the file's (without skip_head), an HRDA file for
+        a SegFormer or a SegFormer / DAFormer file for an HRDA (`check_model`), an encoder of
+        another shape (naming its variant, the keys and both shapes), a head of another shape
+        (another class count: pass --skip_head or set --config.num_classes).
     """
     if layout not in MIT_LAYOUTS:
         raise ConversionError(f"{layout!r} is not a MiT layout ({MIT_LAYOUTS})")
     names = {key: strip_module(key) for key in state_dict}
-    if any(".decode_head.scale_attention." in f".{n}" for n in names.values()):
-        raise ConversionError(
-            "The file is an HRDA / MIC(HRDA) checkpoint (decode_head.scale_attention.*): "
-            "jaxda's model 'hrda' (jaxda/models/hrda.py) has its parameters, but no converter "
-            "maps them yet."
-        )
-    encoder_prefix, head_prefix = PREFIXES[layout]
+    targets = traverse_util.flatten_dict(target)
+    hrda_model = any(p[1] == "scale_attention" for p in targets)
+    check_model(layout, HRDA_MODEL if hrda_model else MODEL, names.values(), skip_head)
+    encoder_prefix, head_prefix = prefixes(layout, names.values())
     file_decoder = DECODERS[layout]
     has_head = bool(head_prefix) and any(n.startswith(head_prefix) for n in names.values())
     if has_head and file_decoder != decoder and not skip_head:
         raise ConversionError(
-            f"The file's decode head is {_DECODER_TITLES[file_decoder]} (layout {layout!r}), "
+            f"The file's decode head is {_HEAD_TITLES[layout]} (layout {layout!r}), "
             f"the config's config.model.decoder={decoder!r}: pass "
             f"--config.model.decoder={file_decoder}, or --skip_head to load the encoder only."
         )
-    targets = traverse_util.flatten_dict(target)
     report = ConversionReport(layout=layout, container=container)
     for entry in container_entries:
         report.ignored[entry] = f"{container} checkpoint entry (not network weights)"
@@ -254,7 +285,7 @@ def map_state_dict(
             if skip_head:
                 report.skipped[key] = "--skip_head: the decoder keeps its initialisation"
                 continue
-            path = decoder_path(name[len(head_prefix) :], file_decoder)
+            path = decoder_path(name[len(head_prefix) :], layout)
         if path is None:
             report.unexpected.append(key)
             continue
@@ -266,7 +297,7 @@ def map_state_dict(
     head_unknown = [k for k in report.unexpected if names[k].startswith(head_prefix or "\0")]
     if head_unknown:  # Else the decoder would silently keep its initialisation.
         raise ConversionError(
-            f"The file's decode head is not {_DECODER_TITLES[file_decoder]} as layout "
+            f"The file's decode head is not {_HEAD_TITLES[layout]} as layout "
             f"{layout!r} expects: {len(head_unknown)} key(s) not understood, e.g. "
             f"{head_unknown[:3]}. Pass --skip_head to load the encoder only."
         )
@@ -303,7 +334,58 @@ def map_state_dict(
     return loaded, report
 
 
-_DECODER_TITLES = {"mlp": "SegFormer's all-MLP head", "daformer": "DAFormer's head"}
+_FILE_TITLES = {"segformer": "NVlabs SegFormer", "daformer": "DAFormer"}
+_HEAD_TITLES = {
+    "segformer": "SegFormer's all-MLP head",
+    "daformer": "DAFormer's head",
+    "hrda": "HRDA's (a DAFormer head and the scale attention, a DAFormer head with a 1x1 conv "
+    "fusion; HRDA on DeepLabV2 is not modelled)",
+}
+
+
+def prefixes(layout: str, names) -> tuple[str, str | None]:
+    """(encoder, decoder) key prefixes of a file of `layout` with these (module-stripped)
+    names: an HRDA file is a training checkpoint (`model.`) or the bare student."""
+    if layout == "hrda" and not any(n.startswith("model.") for n in names):
+        return "backbone.", "decode_head."
+    return PREFIXES[layout]
+
+
+def check_model(layout: str, model_name: str, names, skip_head: bool = False) -> None:
+    """Raises ConversionError, naming the keys that show it, when an HRDA file meets a
+    SegFormer / DAFormer model (config.model.name 'segformer') or a SegFormer / DAFormer
+    file an HRDA model ('hrda'): the heads differ (HRDA's sit under decode_head.head and
+    decode_head.scale_attention). With `skip_head` the encoder alone loads into either.
+    Also an HRDA file read with another layout (--layout), which would misread its head."""
+    names = sorted(names)
+    marked = [n for n in names if HRDA_MARKER in n]
+    if marked and layout not in ("mit", "hrda"):
+        raise ConversionError(
+            f"The file is an HRDA / MIC(HRDA) checkpoint ({marked[0]}, ...), not of layout "
+            f"{layout!r}: convert it with --layout=hrda (or without --layout) into an HRDA "
+            "config (config.model.name='hrda')."
+        )
+    if layout == "mit" or model_name not in MODELS or skip_head:
+        return
+    if (layout == "hrda") == (model_name == HRDA_MODEL):
+        return
+    head_prefix = prefixes(layout, names)[1] or "\0"
+    head = [n for n in names if n.startswith(head_prefix)][:3]
+    if layout == "hrda":
+        raise ConversionError(
+            f"The file is an HRDA / MIC(HRDA) checkpoint (layout 'hrda': {head}, ...), the "
+            f"config's model SegFormer / DAFormer (config.model.name={model_name!r}), which "
+            "has no scale attention: pass --config.model.name=hrda (its defaults, e.g. "
+            "attention_embed_dim 256, are the official ones), or --skip_head to load the "
+            "encoder only."
+        )
+    raise ConversionError(
+        f"The file is a {_FILE_TITLES[layout]} checkpoint without HRDA's scale attention "
+        f"(layout {layout!r}, no decode_head.scale_attention.* key; its head: {head}, ...), "
+        "the config's model HRDA (config.model.name='hrda'): convert it with a SegFormer / "
+        "DAFormer config (config.model.name='segformer'), or pass --skip_head to load the "
+        "encoder only (the heads keep their initialisation)."
+    )
 
 
 def _check_encoder(entries: dict, targets: dict) -> None:
@@ -344,15 +426,17 @@ def _check_encoder(entries: dict, targets: dict) -> None:
 
 def _check_shapes(entries: dict, targets: dict) -> None:
     problems = [
-        (key, tuple(value.shape), torch_shape(targets[path].shape))
+        (key, tuple(value.shape), torch_shape(targets[path].shape), path[1])
         for path, (key, value) in entries.items()
         if path in targets and tuple(value.shape) != torch_shape(targets[path].shape)
     ]
     if problems:
-        lines = "\n".join(f"  {k}: file {a}, model {b}" for k, a, b in problems[:10])
+        lines = "\n".join(f"  {k}: file {a}, model {b}" for k, a, b, _ in problems[:10])
+        keys = "config.model.decoder_embed_dim / decoder_width"
+        if any(module == "scale_attention" for *_, module in problems):
+            keys += " / attention_embed_dim / attention_classwise"
         raise ConversionError(
             f"Shape mismatch (PyTorch layout [out, in, kh, kw]):\n{lines}\nThe decoder "
             "differs (another class count or width?): pass --skip_head to load the encoder "
-            "only, or set --config.num_classes / config.model.decoder_embed_dim / "
-            "decoder_width to the file's."
+            f"only, or set --config.num_classes / {keys} to the file's."
         )

@@ -41,11 +41,11 @@ from jaxda.interop.layouts import (
     ConversionError,
     Layout,
     check_bn_clr,
-    check_instance_norm,
     check_model,
     detect_layout,
     strip_module,
 )
+from jaxda.interop.norm_check import check_instance_norm
 
 # Ignored in every layout (the legacy Caffe-converted files have none).
 _NUM_BATCHES_TRACKED = "BatchNorm step counter (unused by jaxda)"
@@ -176,7 +176,7 @@ def map_state_dict(
       ConversionError: unknown layout, a layout of another network than the target's
         (DeepLabV2 vs DeepLabV3+), a shape mismatch (naming the key and both shapes), a
         backbone depth or stem mismatch, a RobustNet normalisation mismatch
-        (`layouts.check_instance_norm`), or an ASPP branch-count disagreement.
+        (`norm_check.check_instance_norm`), or an ASPP branch-count disagreement.
 
     A stem BN that the target replaces by an InstanceNorm (config.model.instance_norm): its
     weight and bias load into an 'affine' one's scale and bias (RobustNet's IBN files, and its

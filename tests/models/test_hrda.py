@@ -245,31 +245,14 @@ def abstract_variables(model):
 
 def converted(state_dict: dict, model) -> dict:
     """An HRDA state dict (backbone.*, decode_head.head.*, decode_head.scale_attention.*) as
-    the model's variables, by the MiT converter's name mapping; every variable filled."""
-    import re
+    the model's variables, by the converter's layout 'hrda'; every variable filled."""
+    from jaxda.interop import mit_layout
 
-    from jaxda.interop import mit_layout, torch_layouts
-
-    variables = {}
-    for key, value in state_dict.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        if key.startswith("backbone."):
-            path = mit_layout.encoder_path(key.removeprefix("backbone."))
-        elif key.startswith("decode_head.head."):
-            path = mit_layout.decoder_path(key.removeprefix("decode_head.head."), "daformer")
-        elif m := re.fullmatch(r"decode_head\.scale_attention\.fuse_layer\.(conv|bn)\.(\w+)", key):
-            path = mit_layout._conv_or_bn(("fuse_layer",), m[1], m[2])
-            path = (path[0], "scale_attention", *path[2:])
-        else:
-            path = mit_layout.decoder_path(key.removeprefix("decode_head.scale_attention."),
-                                           "daformer")  # fmt: skip
-            path = (path[0], "scale_attention", *path[2:])
-        variables[path] = torch_layouts.to_jax_layout(value)
-    shapes = traverse_util.flatten_dict(abstract_variables(model))
-    assert set(variables) == set(shapes)
-    assert all(variables[p].shape == s.shape for p, s in shapes.items())
-    return traverse_util.unflatten_dict(variables)
+    loaded, report = mit_layout.map_state_dict(
+        state_dict, abstract_variables(model), "hrda", decoder="daformer"
+    )
+    assert report.missing == [] and report.unexpected == [] and report.skipped == {}
+    return traverse_util.unflatten_dict(loaded)
 
 
 def relative_error(ours, reference) -> float:
