@@ -13,6 +13,7 @@ import pytest
 
 from configs import dacs as dacs_config
 from configs import daformer as daformer_config
+from configs import hrda as hrda_config
 from configs import mic as mic_config
 from jaxda import checkpoints
 from jaxda import mesh as mesh_lib
@@ -396,6 +397,68 @@ def test_daformer_and_mic_configs():
         mic_config.get_config("base=hrda")
 
 
+def test_hrda_config():
+    """HRDA's values over DAFormer's: its network, the 2x resolution, 1024 crops, rare-class
+    crops needing 4x the pixels, the rows of its pseudo-label margins, slide evaluation."""
+    config = hrda_config.get_config()
+    setup = trainer.build(config, mesh_lib.make_mesh(1))
+    assert set(setup.abstract_state.params["seg"]) == {"backbone", "head", "scale_attention"}
+    assert set(setup.networks) == {"seg", "teacher", "imnet"}
+    assert config.data.source.size == (1407, 2560) and config.data.target.size == (1024, 2048)
+    assert config.data.source.crop_size == config.data.target.crop_size == (1024, 1024)
+    assert config.data.source.rare_class.min_crop_ratio == 2.0
+    assert (config.dacs.pseudo_ignore_top, config.dacs.pseudo_ignore_bottom) == (30, 240)
+    assert (config.eval.mode, config.eval.slide_window) == ("slide", (1024, 1024))
+    assert (config.model.hr_crop_size, config.model.hr_loss_weight) == ((512, 512), 0.1)
+    synthetic = hrda_config.get_config("synthetic")
+    assert synthetic.data.source.name.endswith("128x256")
+    assert hrda_config.get_config("source=synthia").data.source.size == (1520, 2560)
+
+
+def test_hrda_student_pass_draws_a_box_and_takes_the_fused_and_detail_loss():
+    """`student_pass` on HRDA: the detail box comes from the pass's key (offsets multiples of
+    8), the loss is 0.9 x CE(fused) + 0.1 x CE(detail under the box) against NumPy, and two
+    keys give two boxes."""
+    from jaxda import models
+    from jaxda.models import hrda as hrda_model
+
+    config = hrda_config.get_config("synthetic")
+    config.model.hr_crop_size = (16, 16)
+    model = models.build_segmenter(config.model, config.num_classes)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(2, 32, 64, 3)), jnp.float32)
+    labels = rng.integers(0, 19, size=(2, 32, 64)).astype(np.uint8)
+    weights = rng.random((2, 32, 64)).astype(np.float32)
+    variables = jax.jit(model.init)(jax.random.key(0), images)
+    student_pass = jax.jit(
+        lambda key: dacs.student_pass(
+            model, variables, images, labels, weights, rng=key, config=config
+        )
+    )
+    apply = jax.jit(
+        lambda box, key: model.apply(
+            variables, images, train=True, box=box, mutable=["batch_stats"], rngs={"dropout": key}
+        )
+    )
+    boxes = set()
+    for seed in (1, 2, 3):
+        key = jax.random.key(seed)
+        loss, _, _, terms = student_pass(key)
+        box = hrda_model.crop_box(jax.random.fold_in(key, dacs._BOX_KEY_TAG), (32, 64), (16, 16))
+        y, x = (int(v) for v in box)
+        assert y % 8 == 0 and x % 8 == 0
+        boxes.add((y, x))
+        out, _ = apply(box, key)
+        fused = np.asarray(layers.resize_bilinear(out["main"], (32, 64)))
+        hr = np.asarray(layers.resize_bilinear(out["hr"], (16, 16)))
+        under = (slice(None), slice(y, y + 16), slice(x, x + 16))
+        expected_hr = _ce(hr, labels[under].astype(np.int64), weights[under])
+        expected = 0.9 * _ce(fused, labels.astype(np.int64), weights) + 0.1 * expected_hr
+        assert float(terms["loss_hr"]) == pytest.approx(expected_hr, rel=1e-4)
+        assert float(loss) == pytest.approx(expected, rel=1e-4)
+    assert len(boxes) > 1
+
+
 class _Crash(Exception):
     pass
 
@@ -414,12 +477,13 @@ def _restored(config, workdir):
 
 @pytest.mark.slow  # ~1 min each: three short runs with evaluations; the default run tests the
 # steps (DACS, MIC, and the feature distance's wiring) and test_rare_class the sampling.
-@pytest.mark.parametrize("name", ["dacs", "daformer", "mic"])
+@pytest.mark.parametrize("name", ["dacs", "daformer", "mic", "hrda"])
 def test_runs_and_resumes_exactly(data_dir, tmp_path, monkeypatch, name):
     """The synthetic config end to end on the tiny dataset; a run crashed after its step-2
     checkpoint and rerun ends with the same results, student and teacher (and DAFormer's
     frozen copy), bit for bit."""
-    module = {"dacs": dacs_config, "daformer": daformer_config, "mic": mic_config}[name]
+    module = {"dacs": dacs_config, "daformer": daformer_config, "mic": mic_config}.get(name)
+    module = module or hrda_config
     config = shrink_to_tiny(module.get_config("synthetic"), data_dir)
     config.batch_size = 4
     config.dacs.pseudo_threshold = 0.968
