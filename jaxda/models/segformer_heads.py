@@ -162,6 +162,15 @@ class ASPPFusion(nn.Module):
         return ConvModule(self.width, 3, 1, 1, ura, conv, name="bottleneck")(y, bn_mask)
 
 
+def _dropout_classify(x, num_classes, dropout_rate, convolution, deterministic) -> jax.Array:
+    """DAFormer's head tail: Dropout2d, then `conv_seg` (N(0, 0.01) weights, zero bias)."""
+    x = nn.Dropout(dropout_rate, broadcast_dims=(1, 2))(x, deterministic=deterministic)
+    return _classifier(
+        num_classes, convolution, "conv_seg", kernel_init=classifier_init,
+        bias_init=nn.initializers.zeros,
+    )(x)  # fmt: skip
+
+
 class DAFormerHead(nn.Module):
     """DAFormer's context-aware fusion decoder: four stage maps -> [N, h1, w1, num_classes].
 
@@ -185,11 +194,9 @@ class DAFormerHead(nn.Module):
             self.width, tuple(self.dilations), self.use_running_average, self.convolution,
             name="fuse_layer",
         )(x, bn_mask)  # fmt: skip
-        x = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2))(x, deterministic=deterministic)
-        return _classifier(
-            self.num_classes, self.convolution, "conv_seg", kernel_init=classifier_init,
-            bias_init=nn.initializers.zeros,
-        )(x)  # fmt: skip
+        return _dropout_classify(
+            x, self.num_classes, self.dropout_rate, self.convolution, deterministic
+        )
 
 
 class ConvFusionHead(nn.Module):
@@ -218,8 +225,6 @@ class ConvFusionHead(nn.Module):
             self.width, 1, use_running_average=self.use_running_average,
             convolution=self.convolution, name="fuse_layer",
         )(x, bn_mask)  # fmt: skip
-        x = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2))(x, deterministic=deterministic)
-        return _classifier(
-            self.num_classes, self.convolution, "conv_seg", kernel_init=classifier_init,
-            bias_init=nn.initializers.zeros,
-        )(x)  # fmt: skip
+        return _dropout_classify(
+            x, self.num_classes, self.dropout_rate, self.convolution, deterministic
+        )
