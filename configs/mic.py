@@ -1,8 +1,9 @@
 r"""MIC (Hoyer et al., CVPR 2023): masked image consistency on top of DAFormer.
 
 https://arxiv.org/abs/2212.01322 -- official code: github.com/lhoyer/MIC (`seg/`). Published:
-MIC(HRDA) 75.9 mIoU GTA5 -> Cityscapes, 67.3 mIoU-16 SYNTHIA -> Cityscapes; MIC(DAFormer)
-70.6 GTA5 -> Cityscapes (its `experiments.py` id 81).
+MIC(HRDA) 75.9 mIoU GTA5 -> Cityscapes (the official README), 67.3 mIoU-16 SYNTHIA ->
+Cityscapes (the paper); MIC(DAFormer) 70.6 GTA5 -> Cityscapes (the paper; its setting is the
+official `experiments.py` id 81).
 
   python -m launch.main --config=configs/mic.py --workdir=/runs/mic --config.init_from=...
   python -m launch.main --config=configs/mic.py:synthetic --workdir=/tmp/mic
