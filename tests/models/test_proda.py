@@ -26,7 +26,7 @@ def _model(**kwargs) -> proda.ProDADeepLabV2:
 
 
 def _variables(model, size=(33, 33)):
-    return model.init(jax.random.key(0), jnp.zeros((1, *size, 3)))
+    return jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, *size, 3)))
 
 
 @pytest.mark.parametrize("size", [(33, 47), (64, 65), (97, 131)])
@@ -59,7 +59,7 @@ def test_sown_feature_and_layers():
 
 def test_param_groups_cover_every_parameter():
     model = _model(bn_clr=True)
-    params = _variables(model)["params"]
+    params = jax.eval_shape(lambda: _variables(model))["params"]
     assert set(params) == {"backbone", "bn_pretrain", "head"}
     labels = optimizers.network_labels(model, params, "segmenter", freeze_bn_affine=False)
     flat = {"/".join(optimizers.path_names(p)): v for p, v in _flatten_with_path(labels)}
@@ -88,13 +88,11 @@ def test_dropout_needs_rng_and_drops_channels():
     x = jax.random.normal(jax.random.key(1), (2, 41, 57, 3))
     with pytest.raises(ValueError, match="dropout"):
         model.apply(variables, x, train=True, mutable=["batch_stats"])
-    _, state = model.apply(
-        variables,
-        x,
-        train=True,
-        rngs={"dropout": jax.random.key(2)},
-        mutable=["batch_stats", "intermediates"],
-    )
+    _, state = jax.jit(
+        lambda v, x, key: model.apply(
+            v, x, train=True, rngs={"dropout": key}, mutable=["batch_stats", "intermediates"]
+        )
+    )(variables, x, jax.random.key(2))
     (feature,) = state["intermediates"]["feature"]
     # Dropout2d: a channel of an image is zero everywhere or nowhere.
     zero = np.asarray(feature == 0)

@@ -159,6 +159,8 @@ def test_step_losses_and_ema_teacher(data_dir, timing):
             assert float(metrics["loss"]) == pytest.approx(loss_source + loss_mix, rel=1e-4)
 
 
+@pytest.mark.slow  # ~30 s; by default test_feature_distance_wiring traces the step with MIC
+# on, tests/data/test_masking.py checks the masks (the slow FD step test checks MIC's loss too).
 def test_mic_adds_the_weighted_ce_of_masked_target_images(data_dir):
     """With MIC on (weight 0.5, blocks of 8): loss_masked is the CE of the student on the
     jittered, blurred, block-masked target images against the teacher's pseudo labels and the
@@ -328,7 +330,9 @@ def test_feature_distance_wiring(data_dir):
     the step logs the term and its patch count; '' picks the last stage, an unknown layer is
     named."""
     config = _fd_config(data_dir, model="deeplab_v2", layer="", classes=())
+    config.dacs.mic.update(weight=1.0, block_size=8)  # MIC's pass traces too.
     setup, metrics = _traced_metrics(config)
+    assert metrics["loss_masked"].shape == ()
     assert set(setup.networks) == {"seg", "teacher", "imnet"}
     assert setup.networks["imnet"].is_teacher and setup.networks["imnet"].init == "copy:seg"
     assert "imnet" in setup.abstract_state.teachers and "imnet" not in setup.abstract_state.params
@@ -401,6 +405,7 @@ def test_hrda_config():
     """HRDA's values over DAFormer's: its network, the 2x resolution, 1024 crops, rare-class
     crops needing 4x the pixels, the rows of its pseudo-label margins, slide evaluation."""
     config = hrda_config.get_config()
+    config.model.variant = "b0"  # The networks' structure, in a quarter of B5's tracing time.
     setup = trainer.build(config, mesh_lib.make_mesh(1))
     assert set(setup.abstract_state.params["seg"]) == {"backbone", "head", "scale_attention"}
     assert set(setup.networks) == {"seg", "teacher", "imnet"}
