@@ -4,7 +4,7 @@ evaluated with the full-resolution protocol (input resized, logits upsampled to 
 import numpy as np
 import pytest
 
-from configs import adaptseg, source_only
+from configs import source_only
 from jaxda.data import labels, prepare
 from jaxda.train import trainer
 from tests.data.test_builders import CS_TABLE, make_cityscapes, make_gta5, make_synthia
@@ -42,7 +42,8 @@ def _tiny(config, data_dir):
 
 def test_gta5_to_cityscapes_evaluates_at_full_label_resolution(prepared, tmp_path):
     data_dir, pairs = prepared
-    config = _tiny(adaptseg.get_config(), data_dir)
+    # Source only: the same GTA5 -> Cityscapes data and protocol without discriminators to compile.
+    config = _tiny(source_only.get_config(), data_dir)
     final = trainer.train_and_evaluate(config, str(tmp_path / "run"))["final"]
     assert final["step"] == 2 and final["num_examples"] == 2
     protocol = final["protocol"]

@@ -417,6 +417,8 @@ def test_not_prepared_folder_dataset_names_the_command(tmp_path):
     assert f"--data_dir={tmp_path}" in message and "prepared there: none" in message
 
 
+@pytest.mark.slow  # ~20 s (three subprocesses); by default tests/test_prepare.py runs the
+# command line and the tests above build folder datasets through the same library calls.
 def test_command_line(tmp_path):
     rng = np.random.default_rng(9)
     root = tmp_path / "data"
