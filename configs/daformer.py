@@ -32,6 +32,9 @@ colour jitter and blur), plus:
   * pseudo-label crop: target weights 0 on the top 15 and bottom 120 rows of the 512-row crops
     (Cityscapes' rectification artifacts at the image borders, as DAFormer's code says;
     `dacs.pseudo_ignore_top/bottom`).
+With `model=deeplab_v2` the feature distance covers every patch (DAFormer's `classes=None`
+variant): the library's Caffe DeepLabV2 gives a 65x65 grid for a 512 crop, which DAFormer's
+thing-class mask (label patches of 512 // 65 pixels) cannot be laid on.
 Deliberate differences from the official code are configs/dacs.py's (one optimizer step on the
 summed losses; JAX draws for the augmentations; evaluation upsampling with align_corners=True).
 
@@ -65,6 +68,8 @@ def get_config(arg=None):
     source = config.data.source
     source.rare_class = {"temperature": 0.01, "min_pixels": 3000, "min_crop_ratio": 0.5}
     source.crop_cat_max_ratio = 0.75
+    if args.model == "deeplab_v2":  # Its 65x65 grid of a 512 crop has no whole 8x8 patches.
+        cfg.feature_distance.classes = ()
     if args.synthetic:
         source.rare_class.min_pixels = 12
         source.crop_cat_max_ratio = 0.0  # The frames are not cropped.

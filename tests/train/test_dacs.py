@@ -397,6 +397,7 @@ def test_daformer_and_mic_configs():
     assert (mic.dacs.mic.weight, mic.dacs.mic.block_size, mic.dacs.mic.ratio) == (1.0, 32, 0.7)
     assert mic_config.get_config("synthetic").dacs.mic.block_size == 4
     assert daformer_config.get_config("source=synthia").data.source.size == (760, 1280)
+    assert tuple(daformer_config.get_config("model=deeplab_v2").dacs.feature_distance.classes) == ()
     with pytest.raises(ValueError, match="base='hrda'"):
         mic_config.get_config("base=hrda")
 
